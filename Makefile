@@ -1,0 +1,43 @@
+# The two commands of the README. Each creates .venv and installs what is missing first;
+# the stamp files make a second run take seconds when requirements did not change.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format demo clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Runtime dependencies (torch is pinned in requirements.txt: an unpinned one pulls CUDA builds).
+$(VENV)/.run-deps: requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	@touch $@
+
+$(VENV)/.test-deps: requirements-test.txt $(VENV)/.run-deps
+	$(PY) -m pip install -r requirements-test.txt
+	@touch $@
+
+demo: $(VENV)/.run-deps
+	$(PY) -m babl_core demo --if-missing
+
+## make run [HOST=127.0.0.1] [PORT=8000] [TUNNEL=1]: start the chat app (and the API on the same port).
+run: $(VENV)/.run-deps demo
+	$(if $(TUNNEL),BABL_TUNNEL=$(TUNNEL)) $(VENV)/bin/chainlit run app.py --host $(HOST) --port $(PORT)
+
+## make test [PYTEST_ARGS=...]: lint, then every test (slow and browser tests included), offline.
+test: $(VENV)/.test-deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-deps
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,565 @@
+"""The model catalog: `configs/models.yaml` as data, plus adapters discovered on disk.
+
+A `ModelSpec` says what to load and how; `availability()` says, in one word and a reason, whether it
+can be served here. Nothing in this module loads weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from babl_core import settings
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "openai")
+KINDS = ("causal", "seq2seq")
+QUANTIZATIONS = ("nf4", "int8", "none", "auto")
+DTYPES = ("float16", "bfloat16", "float32", "auto")
+# Kept here (not imported from prompts) so the catalog can be validated without importing torch.
+PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat")
+DEFAULT_STYLE_FOR_TASK = {
+    "html": "codellama-inst",
+    "python": "alpaca-code",
+    "email": "t5-email",
+    "qa": "t5-qa",
+    "code": "t5-code",
+    "chat": "plain-chat",
+}
+AVAILABILITY_WORDS = ("local", "cached", "downloadable", "needs-training", "unavailable")
+SERVABLE_WORDS = ("local", "cached", "downloadable")
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class CatalogError(ValueError):
+    """One or more problems in the catalog file; `problems` lists each with its fix."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source} has {len(problems)} {noun}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class UnknownModel(KeyError):
+    """A model id that is neither in the catalog nor a discovered adapter."""
+
+    def __init__(self, model_id: str, known: list[str]):
+        self.model_id = model_id
+        close = difflib.get_close_matches(model_id, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        self.message = f"{model_id!r} is not a model in the catalog.{hint} Known: {', '.join(known)}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """An entry's default generation settings (users and API calls override them per request)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model: a catalog entry or a discovered adapter."""
+
+    id: str
+    label: str
+    task: str
+    base: str = ""
+    backend: str = "local"
+    adapter: str | None = None
+    requires_adapter: bool = False
+    train_command: str | None = None
+    kind: str | None = None
+    quantization: str = "auto"
+    dtype: str = "auto"
+    prompt_style: str = "plain-chat"
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    demo: bool = False
+    prefer_gpu: bool = False
+    base_url: str | None = None
+    api_key_env: str | None = None
+    remote_model: str | None = None
+    # Not from the YAML: "catalog" or "discovered", and a discovered adapter's babl.json metrics.
+    source: str = "catalog"
+    metrics: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def display_label(self) -> str:
+        """The dropdown label: name, task, quantization and a demo notice."""
+        bits = [self.task]
+        if self.backend == "openai":
+            bits.append("remote")
+        elif self.quantization not in ("none", "auto"):
+            bits.append(self.quantization)
+        if self.demo:
+            bits.append("demo — random weights")
+        return f"{self.label} ({', '.join(bits)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["generation"]["stop"] = list(self.generation.stop)
+        return data
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a model can be served here: one word from AVAILABILITY_WORDS and a reason."""
+
+    word: str
+    reason: str
+
+    @property
+    def servable(self) -> bool:
+        return self.word in SERVABLE_WORDS
+
+    def __str__(self) -> str:
+        return f"{self.word}: {self.reason}" if self.reason else self.word
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+_FIELDS = {
+    "id", "label", "task", "backend", "base", "adapter", "requires_adapter", "train_command", "kind",
+    "quantization", "dtype", "prompt_style", "generation", "demo", "prefer_gpu", "base_url",
+    "api_key_env", "remote_model",
+}  # fmt: skip
+_GEN_FIELDS = {f for f in GenerationDefaults.__dataclass_fields__}
+
+
+def _choice(problems: list[str], where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(f"{where}, field {name!r}: {value!r} is not allowed; {hint}use one of {', '.join(choices)}")
+
+
+def _parse_generation(problems: list[str], where: str, raw: Any) -> GenerationDefaults:
+    if raw is None:
+        return GenerationDefaults()
+    if not isinstance(raw, dict):
+        problems.append(f"{where}, field 'generation': expected a mapping like {{max_new_tokens: 256}}")
+        return GenerationDefaults()
+    for key in raw:
+        if key not in _GEN_FIELDS:
+            close = difflib.get_close_matches(str(key), sorted(_GEN_FIELDS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f"{where}, field 'generation.{key}': unknown setting; {hint}use {', '.join(sorted(_GEN_FIELDS))}"
+            )
+    values: dict[str, Any] = {}
+    checks = {
+        "max_new_tokens": (int, lambda v: v > 0, "a whole number above 0, e.g. 256"),
+        "temperature": ((int, float), lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
+        "top_p": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "repetition_penalty": ((int, float), lambda v: v > 0, "a number above 0 (1.0 = off)"),
+    }
+    for key, (types, ok, want) in checks.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+            problems.append(f"{where}, field 'generation.{key}': {value!r} is not valid; use {want}")
+        else:
+            values[key] = value
+    if "stop" in raw:
+        stop = raw["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            problems.append(f"{where}, field 'generation.stop': use a list of non-empty strings")
+        else:
+            values["stop"] = tuple(stop)
+    return GenerationDefaults(**values)
+
+
+def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
+    """Validate one catalog entry, appending every problem (with its fix) to `problems`."""
+    if not isinstance(raw, dict):
+        problems.append(f"entry #{index + 1}: expected a mapping with at least id, task and base")
+        return None
+    entry_id = raw.get("id")
+    where = f"entry {entry_id!r} (#{index + 1})" if entry_id else f"entry #{index + 1}"
+    before = len(problems)
+    for key in raw:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), sorted(_FIELDS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(sorted(_FIELDS))}"
+            problems.append(f"{where}, field {key!r}: unknown field; {hint}")
+    if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
+        problems.append(
+            f"{where}, field 'id': {entry_id!r} is not a slug; use lower-case letters, digits, '-', '_' or '.'"
+        )
+    task = raw.get("task")
+    if task is None:
+        problems.append(f"{where}, field 'task': missing; set one of {', '.join(settings.TASKS)}")
+    _choice(problems, where, "task", task, settings.TASKS)
+    backend = raw.get("backend", "local")
+    _choice(problems, where, "backend", backend, BACKENDS)
+    for name, choices in (("kind", KINDS), ("quantization", QUANTIZATIONS), ("dtype", DTYPES)):
+        _choice(problems, where, name, raw.get(name), choices)
+    _choice(problems, where, "prompt_style", raw.get("prompt_style"), PROMPT_STYLES)
+    for name in ("requires_adapter", "demo", "prefer_gpu"):
+        if name in raw and not isinstance(raw[name], bool):
+            problems.append(f"{where}, field {name!r}: {raw[name]!r} is not true or false")
+    for name in ("label", "base", "adapter", "train_command", "base_url", "api_key_env", "remote_model"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            problems.append(f"{where}, field {name!r}: expected a string, got {raw[name]!r}")
+    if backend == "local" and not raw.get("base"):
+        problems.append(f"{where}, field 'base': missing; set a hub id (org/name) or a local model directory")
+    if backend == "openai":
+        for name, example in (("base_url", "http://127.0.0.1:8080/v1"), ("remote_model", "the server's model name")):
+            if not raw.get(name):
+                problems.append(f"{where}, field {name!r}: required for backend openai; set e.g. {example}")
+    if raw.get("requires_adapter") and not raw.get("adapter"):
+        problems.append(f"{where}, field 'adapter': requires_adapter is true, so name the adapter path it waits for")
+    generation = _parse_generation(problems, where, raw.get("generation"))
+    if len(problems) > before:
+        return None
+    adapter = raw.get("adapter")
+    train_command = raw.get("train_command")
+    if raw.get("requires_adapter") and not train_command:
+        train_command = f"python -m finetune train --config configs/finetune/{entry_id}.yaml"
+    return ModelSpec(
+        id=entry_id,
+        label=raw.get("label") or entry_id,
+        task=task,
+        base=raw.get("base") or "",
+        backend=backend,
+        adapter=adapter,
+        requires_adapter=bool(raw.get("requires_adapter", False)),
+        train_command=train_command,
+        kind=raw.get("kind"),
+        quantization=raw.get("quantization", "auto"),
+        dtype=raw.get("dtype", "auto"),
+        prompt_style=raw.get("prompt_style") or DEFAULT_STYLE_FOR_TASK[task],
+        generation=generation,
+        demo=bool(raw.get("demo", False)),
+        prefer_gpu=bool(raw.get("prefer_gpu", False)),
+        base_url=raw.get("base_url"),
+        api_key_env=raw.get("api_key_env"),
+        remote_model=raw.get("remote_model"),
+    )
+
+
+def parse_catalog(data: Any, source: str = "catalog") -> list[ModelSpec]:
+    """Validate a whole catalog document; raise one CatalogError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise CatalogError(source, ["top level: expected `models:` followed by a list of entries"])
+    specs: list[ModelSpec] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(data["models"]):
+        spec = parse_entry(raw, index, problems)
+        if spec is None:
+            continue
+        if spec.id in seen:
+            problems.append(
+                f"entry {spec.id!r} (#{index + 1}), field 'id': duplicate of entry #{seen[spec.id] + 1}; "
+                "give each entry its own id"
+            )
+            continue
+        seen[spec.id] = index
+        specs.append(spec)
+    if problems:
+        raise CatalogError(source, problems)
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# Where weights are: local paths, the HF cache, the hub
+
+
+def looks_like_path(value: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else (./x, /x, a/b/c, existing dirs) is a path."""
+    if value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value:
+        return True
+    return settings.resolve_path(value).exists() or value.split("/")[0] == "models"
+
+
+def hub_cached_dir(repo_id: str, marker: str = "config.json") -> Path | None:
+    """The snapshot directory of `repo_id` in the HF cache when `marker` and weights are there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, marker)
+    except Exception:  # a malformed id, say; not cached either way
+        return None
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    weights = any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))
+    return snapshot if weights else None
+
+
+_probe_lock = threading.Lock()
+_probe_state: dict[str, float | bool] = {}
+PROBE_TTL_S = 300.0
+
+
+def is_offline() -> bool:
+    """Offline = HF_HUB_OFFLINE=1, or a hub probe (2 s timeout) failed in the last 5 minutes."""
+    if settings.env_flag("HF_HUB_OFFLINE") or settings.env_flag("TRANSFORMERS_OFFLINE"):
+        return True
+    with _probe_lock:
+        checked = _probe_state.get("at")
+        if isinstance(checked, float) and time.monotonic() - checked < PROBE_TTL_S:
+            return not _probe_state["ok"]
+        ok = _probe_hub()
+        _probe_state.update(at=time.monotonic(), ok=ok)
+        return not ok
+
+
+def _probe_hub() -> bool:
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # the hub answered, even if with an error status
+    except Exception as exc:
+        log.info("hub probe failed (%s): treating the hub as offline for 5 minutes", exc.__class__.__name__)
+        return False
+
+
+def _local_model_dir(value: str) -> Path:
+    return settings.resolve_path(value)
+
+
+def _fix_for_missing(spec: ModelSpec, what: str, path: Path) -> str:
+    if spec.demo:
+        return f"{what} {settings.portable_path(path)} is missing; build the demo models: python -m babl_core demo"
+    return f"{what} {path} is missing; fix the path in the catalog or restore the directory"
+
+
+def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
+    """Availability of one artefact (base or adapter) named by hub id or path."""
+    if looks_like_path(ref):
+        path = _local_model_dir(ref)
+        if (path / marker).is_file():
+            return Availability("local", f"{what} at {settings.portable_path(path)}")
+        return Availability("unavailable", _fix_for_missing(spec, what, path))
+    if hub_cached_dir(ref, marker):
+        return Availability("cached", f"{what} {ref} is in the Hugging Face cache")
+    if is_offline():
+        return Availability(
+            "unavailable",
+            f"offline and {what} {ref} is not in the Hugging Face cache; "
+            f"when online run: python -m babl_core download {spec.id}",
+        )
+    return Availability("downloadable", f"{what} {ref} will be downloaded from the hub on first use")
+
+
+def availability(spec: ModelSpec) -> Availability:
+    """One word (local, cached, downloadable, needs-training, unavailable) and a reason."""
+    if spec.backend == "openai":
+        return Availability("local", f"served by the OpenAI-compatible server at {spec.base_url}")
+    if spec.requires_adapter and spec.adapter and looks_like_path(spec.adapter):
+        adapter_dir = _local_model_dir(spec.adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            how = spec.train_command or "python -m finetune train --config <recipe>.yaml"
+            return Availability(
+                "needs-training", f"no adapter at {settings.portable_path(adapter_dir)} yet; train one: {how}"
+            )
+    base = _where(spec, spec.base, "base model", "config.json")
+    if not spec.adapter or base.word == "unavailable":
+        return base
+    adapter = _where(spec, spec.adapter, "adapter", "adapter_config.json")
+    order = {w: i for i, w in enumerate(AVAILABILITY_WORDS)}
+    worst = max((base, adapter), key=lambda a: order[a.word])
+    if worst.word == "unavailable":
+        return worst
+    return Availability(worst.word, f"{base.reason}; {adapter.reason}")
+
+
+def detect_kind(spec: ModelSpec) -> str:
+    """causal or seq2seq: the entry's `kind`, else the base's config.json, else a name heuristic."""
+    if spec.kind:
+        return spec.kind
+    config_dir = None
+    if looks_like_path(spec.base):
+        config_dir = _local_model_dir(spec.base)
+    else:
+        config_dir = hub_cached_dir(spec.base)
+    if config_dir and (config_dir / "config.json").is_file():
+        try:
+            config = json.loads((config_dir / "config.json").read_text())
+            return "seq2seq" if config.get("is_encoder_decoder") else "causal"
+        except (OSError, ValueError):
+            pass
+    name = spec.base.lower()
+    return "seq2seq" if any(k in name for k in ("t5", "bart", "pegasus", "marian")) else "causal"
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters trained by finetune
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """`models/adapters/<run>/babl.json`, as written by finetune."""
+
+    id: str
+    path: Path
+    label: str
+    task: str
+    base: str
+    prompt_style: str
+    recipe: str = ""
+    metrics: dict = field(default_factory=dict, compare=False, hash=False)
+    created: str = ""
+
+
+def discover_adapters(root: Path | None = None) -> tuple[list[AdapterInfo], list[str]]:
+    """Every `*/babl.json` under the adapters directory; returns (adapters, warnings)."""
+    root = root or settings.adapters_dir()
+    found: list[AdapterInfo] = []
+    warnings: list[str] = []
+    if not root.is_dir():
+        return found, warnings
+    for meta_path in sorted(root.glob("*/babl.json")):
+        run_dir = meta_path.parent
+        try:
+            meta = json.loads(meta_path.read_text())
+            task = meta["task"]
+            base = meta["base"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warnings.append(f"skipped adapter {run_dir.name}: unreadable babl.json ({exc})")
+            continue
+        if task not in settings.TASKS:
+            warnings.append(f"skipped adapter {run_dir.name}: task {task!r} is not one of {', '.join(settings.TASKS)}")
+            continue
+        style = meta.get("prompt_style") or DEFAULT_STYLE_FOR_TASK[task]
+        if style not in PROMPT_STYLES:
+            warnings.append(f"skipped adapter {run_dir.name}: prompt_style {style!r} is unknown")
+            continue
+        found.append(
+            AdapterInfo(
+                id=run_dir.name,
+                path=run_dir,
+                label=meta.get("label") or run_dir.name,
+                task=task,
+                base=base,
+                prompt_style=style,
+                recipe=meta.get("recipe", ""),
+                metrics=meta.get("metrics") or {},
+                created=meta.get("created", ""),
+            )
+        )
+    return found, warnings
+
+
+def _same_place(a: str, b: str) -> bool:
+    if looks_like_path(a) and looks_like_path(b):
+        return _local_model_dir(a).resolve() == _local_model_dir(b).resolve()
+    return a == b
+
+
+class Catalog:
+    """The catalog file's entries plus adapters discovered on every listing."""
+
+    def __init__(self, entries: list[ModelSpec], source: str = "catalog"):
+        self.entries = entries
+        self.source = source
+        self.warnings: list[str] = []
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Catalog:
+        path = Path(path) if path else settings.catalog_path()
+        if not path.is_file():
+            raise CatalogError(str(path), ["file not found; restore configs/models.yaml or fix BABL_MODELS"])
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise CatalogError(str(path), [f"not valid YAML: {exc}"]) from None
+        return cls(parse_catalog(data, str(path)), str(path))
+
+    def list(self) -> list[ModelSpec]:
+        """Catalog entries (adapters they wait for filled in) then newly discovered adapters."""
+        adapters, self.warnings = discover_adapters()
+        specs = list(self.entries)
+        claimed: set[str] = set()
+        for i, spec in enumerate(specs):
+            for info in adapters:
+                if spec.adapter and looks_like_path(spec.adapter) and _same_place(spec.adapter, str(info.path)):
+                    specs[i] = replace(spec, metrics=info.metrics)
+                    claimed.add(info.id)
+        ids = {s.id for s in specs}
+        for info in adapters:
+            if info.id in claimed:
+                continue
+            if info.id in ids:
+                self.warnings.append(f"skipped adapter {info.id}: its name is already a catalog id")
+                continue
+            specs.append(self._spec_for_adapter(info))
+        return specs
+
+    def _spec_for_adapter(self, info: AdapterInfo) -> ModelSpec:
+        # Share the base's loading settings with a catalog entry on the same base, so the cache
+        # keys match and one copy of the weights serves both.
+        twin = next((s for s in self.entries if s.backend == "local" and _same_place(s.base, info.base)), None)
+        return ModelSpec(
+            id=info.id,
+            label=info.label,
+            task=info.task,
+            base=info.base,
+            adapter=settings.portable_path(info.path),
+            kind=twin.kind if twin else None,
+            quantization=twin.quantization if twin else "auto",
+            dtype=twin.dtype if twin else "auto",
+            prompt_style=info.prompt_style,
+            generation=twin.generation if twin else GenerationDefaults(),
+            demo=twin.demo if twin else False,
+            prefer_gpu=twin.prefer_gpu if twin else False,
+            source="discovered",
+            metrics=info.metrics,
+        )
+
+    def ids(self) -> list[str]:
+        return [s.id for s in self.list()]
+
+    def get(self, model_id: str) -> ModelSpec:
+        specs = self.list()
+        for spec in specs:
+            if spec.id == model_id:
+                return spec
+        raise UnknownModel(model_id, [s.id for s in specs])
+
+    def default_model(self, cuda: bool | None = None) -> ModelSpec | None:
+        """The first servable entry; without CUDA, entries marked prefer_gpu are passed over."""
+        if cuda is None:
+            from babl_core.devices import cuda_available
+
+            cuda = cuda_available()
+        servable = [s for s in self.list() if availability(s).servable]
+        for spec in servable:
+            if cuda or not spec.prefer_gpu:
+                return spec
+        return servable[0] if servable else None
