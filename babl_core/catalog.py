@@ -153,7 +153,9 @@ def _choice(problems: list[str], where: str, name: str, value: Any, choices: tup
     if value is not None and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        problems.append(f"{where}, field {name!r}: {value!r} is not allowed; {hint}use one of {', '.join(choices)}")
+        problems.append(
+            f"{where}, field {name!r}: {value!r} is not allowed; {hint}use one of {', '.join(choices)}"
+        )
 
 
 def _parse_generation(problems: list[str], where: str, raw: Any) -> GenerationDefaults:
@@ -230,11 +232,16 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
     if backend == "local" and not raw.get("base"):
         problems.append(f"{where}, field 'base': missing; set a hub id (org/name) or a local model directory")
     if backend == "openai":
-        for name, example in (("base_url", "http://127.0.0.1:8080/v1"), ("remote_model", "the server's model name")):
+        for name, example in (
+            ("base_url", "http://127.0.0.1:8080/v1"),
+            ("remote_model", "the server's model name"),
+        ):
             if not raw.get(name):
                 problems.append(f"{where}, field {name!r}: required for backend openai; set e.g. {example}")
     if raw.get("requires_adapter") and not raw.get("adapter"):
-        problems.append(f"{where}, field 'adapter': requires_adapter is true, so name the adapter path it waits for")
+        problems.append(
+            f"{where}, field 'adapter': requires_adapter is true, so name the adapter path it waits for"
+        )
     generation = _parse_generation(problems, where, raw.get("generation"))
     if len(problems) > before:
         return None
@@ -340,7 +347,9 @@ def _probe_hub() -> bool:
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=2):
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=2
+        ):
             return True
     except urllib.error.HTTPError:
         return True  # the hub answered, even if with an error status
@@ -454,7 +463,9 @@ def discover_adapters(root: Path | None = None) -> tuple[list[AdapterInfo], list
             warnings.append(f"skipped adapter {run_dir.name}: unreadable babl.json ({exc})")
             continue
         if task not in settings.TASKS:
-            warnings.append(f"skipped adapter {run_dir.name}: task {task!r} is not one of {', '.join(settings.TASKS)}")
+            warnings.append(
+                f"skipped adapter {run_dir.name}: task {task!r} is not one of {', '.join(settings.TASKS)}"
+            )
             continue
         style = meta.get("prompt_style") or DEFAULT_STYLE_FOR_TASK[task]
         if style not in PROMPT_STYLES:
@@ -508,7 +519,11 @@ class Catalog:
         claimed: set[str] = set()
         for i, spec in enumerate(specs):
             for info in adapters:
-                if spec.adapter and looks_like_path(spec.adapter) and _same_place(spec.adapter, str(info.path)):
+                if (
+                    spec.adapter
+                    and looks_like_path(spec.adapter)
+                    and _same_place(spec.adapter, str(info.path))
+                ):
                     specs[i] = replace(spec, metrics=info.metrics)
                     claimed.add(info.id)
         ids = {s.id for s in specs}
@@ -524,7 +539,9 @@ class Catalog:
     def _spec_for_adapter(self, info: AdapterInfo) -> ModelSpec:
         # Share the base's loading settings with a catalog entry on the same base, so the cache
         # keys match and one copy of the weights serves both.
-        twin = next((s for s in self.entries if s.backend == "local" and _same_place(s.base, info.base)), None)
+        twin = next(
+            (s for s in self.entries if s.backend == "local" and _same_place(s.base, info.base)), None
+        )
         return ModelSpec(
             id=info.id,
             label=info.label,

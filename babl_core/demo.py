@@ -23,7 +23,7 @@ from babl_core import settings
 log = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so `demo --if-missing` rebuilds stale demo models.
-DEMO_VERSION = 3
+DEMO_VERSION = 6
 MARKER = "babl-demo.json"
 DEMO_DIRS = {"demo-html": "demo-html", "demo-python": "demo-python", "demo-t5": "demo-t5"}
 CAUSAL_CONTEXT = 2048
@@ -32,13 +32,17 @@ T5_CONTEXT = 1024
 # A Llama-2-style [INST] chat template, so `codellama-inst` renders through the tokenizer's template on
 # the demo model exactly as it does on CodeLlama-Instruct, and OpenAI-style servers can use it too.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<<SYS>>\n{{ message['content'] }}\n<</SYS>>\n\n"
-    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] | trim }} [/INST]"
-    "{% elif message['role'] == 'assistant' %} {{ message['content'] | trim }} {{ eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ bos_token }}[INST] {% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{{ message['content'] | trim }} [/INST]"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ' + message['content'] | trim }} {{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
 )
 
 _HTML_TEXT = """<!DOCTYPE html>
@@ -59,7 +63,18 @@ def _corpus() -> list[str]:
     """Local text to train the demo tokenizer on: a fixed slice of the stdlib plus HTML and prose."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [_HTML_TEXT * 20]
-    for name in ("json", "html", "email", "http", "csv", "textwrap", "string", "difflib", "argparse", "logging"):
+    for name in (
+        "json",
+        "html",
+        "email",
+        "http",
+        "csv",
+        "textwrap",
+        "string",
+        "difflib",
+        "argparse",
+        "logging",
+    ):
         path = stdlib / name
         files = sorted(path.glob("*.py")) if path.is_dir() else [stdlib / f"{name}.py"]
         for file in files:
@@ -103,7 +118,8 @@ def build_causal_tokenizer(vocab_size: int = 4096):
 def build_t5_tokenizer():
     from transformers import ByT5Tokenizer
 
-    return ByT5Tokenizer(model_max_length=T5_CONTEXT)
+    # No sentinel tokens: the demo model would otherwise often pick them, and they decode to nothing.
+    return ByT5Tokenizer(extra_ids=0, model_max_length=T5_CONTEXT)
 
 
 def _ids(tokenizer) -> dict[str, int]:
@@ -114,7 +130,9 @@ def _ids(tokenizer) -> dict[str, int]:
     }
 
 
-def build_llama(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+def build_llama(
+    tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -170,7 +188,17 @@ def build_t5(tokenizer, *, d_model: int = 64, layers: int = 2, heads: int = 4, s
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
+    model = T5ForConditionalGeneration(config).eval()
+    # Random weights over raw bytes would mostly write invalid UTF-8. Zeroing the output rows of
+    # non-printable bytes makes the demo write readable (if meaningless) ASCII; EOS stays possible.
+    offset = 3  # ByT5: pad, eos, unk, then bytes 0..255
+    printable = [offset + b for b in range(32, 127)] + [offset + 10, tokenizer.eos_token_id]
+    with torch.no_grad():
+        keep = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool)
+        keep[printable] = True
+        model.lm_head.weight[~keep] = 0.0
+        model.lm_head.weight *= 0.3  # flatter logits, so sampling varies
+    return model
 
 
 def _save(model, tokenizer, target: Path, name: str, arch: str) -> None:

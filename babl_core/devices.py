@@ -29,7 +29,9 @@ def resolve_device(value: str | None = None) -> str:
         return "cpu"
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"BABL_DEVICE={value} but CUDA is not available here; use BABL_DEVICE=cpu or auto")
+            raise ValueError(
+                f"BABL_DEVICE={value} but CUDA is not available here; use BABL_DEVICE=cpu or auto"
+            )
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= torch.cuda.device_count():
             raise ValueError(f"BABL_DEVICE={value} but only {torch.cuda.device_count()} CUDA device(s) exist")

@@ -140,11 +140,16 @@ def test_codellama_written_out_with_system():
     )
 
 
-def test_codellama_uses_the_tokenizer_chat_template(causal_tok):
+def test_codellama_uses_the_tokenizer_chat_template(causal_tok, monkeypatch):
     messages = [system("You write HTML."), user("A button."), assistant("<b>Go</b>"), user("Red.")]
-    # The demo template's layout (system block before [INST], no <s> between turns), not the fallback's.
+    # The demo template writes CodeLlama-Instruct's Llama-2 layout, the same as the written-out fallback.
+    expected = "<s>[INST] <<SYS>>\nYou write HTML.\n<</SYS>>\n\nA button. [/INST] <b>Go</b> </s><s>[INST] Red. [/INST]"
+    assert STYLES["codellama-inst"].render(messages, causal_tok) == expected
+    # A different template must be followed, not replaced by the fallback.
+    marked = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    monkeypatch.setattr(causal_tok, "chat_template", marked)
     assert STYLES["codellama-inst"].render(messages, causal_tok) == (
-        "<s><<SYS>>\nYou write HTML.\n<</SYS>>\n\n[INST] A button. [/INST] <b>Go</b> </s>[INST] Red. [/INST]"
+        "<system>You write HTML.<user>A button.<assistant><b>Go</b><user>Red.<assistant>"
     )
 
 
@@ -296,7 +301,7 @@ def test_plain_chat_uses_the_chat_template_when_present(causal_tok):
     prompt = build_prompt(
         "plain-chat", [system("Be kind."), user("Hi")], causal_tok, context_length=2048, max_new_tokens=10
     )
-    assert prompt.text == "<s><<SYS>>\nBe kind.\n<</SYS>>\n\n[INST] Hi [/INST]"
+    assert prompt.text == "<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nHi [/INST]"
     assert prompt.add_special_tokens is False
     assert prompt.notes == []
 

@@ -1,0 +1,278 @@
+"""`python -m babl_core`: models, generate, demo, download, status, adduser.
+
+Each command is a plain function; heavy imports happen inside them so `--help` is instant.
+Exit codes: 0 ok, 1 failed while running, 2 bad usage (unknown model, bad setting), 3 model unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _err(message: str) -> None:
+    print(f"babl: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the catalog with each entry's availability."""
+    from babl_core.catalog import Catalog, CatalogError, availability
+
+    try:
+        catalog = Catalog.load()
+    except CatalogError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    rows = []
+    for spec in catalog.list():
+        avail = availability(spec)
+        rows.append({"id": spec.id, "task": spec.task, "availability": avail.word, "reason": avail.reason,
+                     "label": spec.display_label, "source": spec.source})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    width = shutil.get_terminal_size((160, 20)).columns
+    id_w = max(len("id"), *(len(r["id"]) for r in rows))
+    task_w = max(len("task"), *(len(r["task"]) for r in rows))
+    av_w = max(len("availability"), *(len(r["availability"]) for r in rows))
+    print(f"{'id':<{id_w}}  {'task':<{task_w}}  {'availability':<{av_w}}  reason")
+    for r in rows:
+        line = f"{r['id']:<{id_w}}  {r['task']:<{task_w}}  {r['availability']:<{av_w}}  {r['reason']}"
+        print(line if args.wide or len(line) <= width else line[: width - 1] + "…")
+    for warning in catalog.warnings:
+        _err(f"warning: {warning}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one answer to stdout through the same path as the chat app."""
+    import asyncio
+
+    from babl_core.cache import ModelBusy
+    from babl_core.catalog import CatalogError, UnknownModel
+    from babl_core.chat import BadMessage, ChatService, ChatSession
+    from babl_core.generation import GenerationError
+    from babl_core.loading import ModelUnavailable
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop or None,
+    }
+
+    async def run() -> int:
+        service = ChatService()
+        session = ChatSession(model_id=args.model, system_prompt=args.system or "",
+                              settings={k: v for k, v in settings.items() if v is not None})  # fmt: skip
+        reply = service.respond(session, prompt, on_status=lambda msg: _err(msg))
+        async for chunk in reply:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        for note in reply.notes:
+            _err(f"note: {note}")
+        if not args.quiet:
+            s = reply.stats
+            _err(f"{reply.spec.id}: {reply.description}; {s.completion_tokens} tokens in {s.elapsed:.2f} s "
+                 f"({s.tokens_per_second:.1f} tok/s), finished: {s.finish_reason}")  # fmt: skip
+        return EXIT_OK
+
+    try:
+        return asyncio.run(run())
+    except (UnknownModel, CatalogError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (BadMessage, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (ModelUnavailable, ModelBusy) as exc:
+        _err(str(exc))
+        return EXIT_UNAVAILABLE
+    except GenerationError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("stopped")
+        return EXIT_FAILED
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the demo models (random weights) under models/demo/."""
+    from babl_core.demo import build_demo_models
+
+    build_demo_models(args.out, if_missing=args.if_missing)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download an entry's base and adapter from the hub into the HF cache."""
+    from babl_core.catalog import Catalog, UnknownModel, is_offline, looks_like_path
+
+    try:
+        spec = Catalog.load().get(args.model)
+    except UnknownModel as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    refs = [r for r in (spec.base, spec.adapter) if r and not looks_like_path(r)]
+    if spec.backend != "local" or not refs:
+        print(f"{spec.id} needs no download: it is {'remote' if spec.backend != 'local' else 'local'}")
+        return EXIT_OK
+    if is_offline():
+        _err(f"cannot download {spec.id}: offline (HF_HUB_OFFLINE=1 or the hub did not answer within 2 s). "
+             "Connect to the internet, unset HF_HUB_OFFLINE, and run this again.")  # fmt: skip
+        return EXIT_UNAVAILABLE
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    api = HfApi()
+    try:
+        total = 0
+        for ref in refs:
+            info = api.model_info(ref, files_metadata=True)
+            total += sum((f.size or 0) for f in info.siblings or [] if _wanted(f.rfilename))
+        cache_dir = constants.HF_HUB_CACHE
+        os.makedirs(cache_dir, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+        print(f"{spec.id}: {total / 1e9:.2f} GB to download into {cache_dir} ({free / 1e9:.1f} GB free)")
+        if total * 1.05 > free:
+            _err(f"not enough disk space: need {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free in {cache_dir}. "
+                 "Free some space or set HF_HOME to a larger disk.")  # fmt: skip
+            return EXIT_FAILED
+        for ref in refs:
+            snapshot_download(ref, allow_patterns=ALLOW_PATTERNS)  # shows a progress bar per file
+    except Exception as exc:  # network and hub errors: one line, not a traceback
+        _err(f"download of {spec.id} failed: {exc.__class__.__name__}: {exc}")
+        return EXIT_FAILED
+    print(f"{spec.id} is ready (cached)")
+    return EXIT_OK
+
+
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "*.py",
+    "tokenizer*",
+    "*.tiktoken",
+]
+
+
+def _wanted(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS)
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask a running Babl server for its status (loaded bases, memory, active generations, queue)."""
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/") + "/v1/status"
+    request = urllib.request.Request(url)
+    key = os.environ.get("BABL_API_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            data = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        _err(f"no Babl server answered at {url} ({exc}); start one with `make run`, or pass --url")
+        return EXIT_FAILED
+    print(json.dumps(data, indent=2))
+    return EXIT_OK
+
+
+def cmd_adduser(args: argparse.Namespace) -> int:
+    """Add or update a login in a users file (scrypt hashes)."""
+    try:
+        from babl_core.auth import adduser_interactive
+    except ImportError:
+        _err("adduser is not built yet")
+        return EXIT_FAILED
+    try:
+        adduser_interactive(args.name, args.file)
+    except (ValueError, KeyboardInterrupt, EOFError) as exc:
+        _err(str(exc) or "cancelled")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m babl_core",
+        description="Babl: chat with local code and text models. Exit codes: 0 ok, 1 failed, "
+        "2 bad usage, 3 model unavailable.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the catalog with availability", description=cmd_models.__doc__)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--wide", action="store_true", help="never cut long reasons to the terminal width")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="stream an answer to stdout", description=cmd_generate.__doc__)
+    p.add_argument("prompt", help="your message ('-' reads standard input)")
+    p.add_argument("--model", "-m", required=True, help="catalog id (see `models`), e.g. demo-python")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the entry's)")
+    p.add_argument(
+        "--temperature", type=float, help="0 = greedy; higher = more varied (default: the entry's)"
+    )
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same text")
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable); not included in the output")
+    p.add_argument("--system", help="system prompt (for prompt styles that support one)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no statistics line on stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="build the offline demo models", description=cmd_demo.__doc__)
+    p.add_argument("--if-missing", action="store_true", help="only build what is missing or outdated")
+    p.add_argument("--out", help="directory (default: models/demo, or $BABL_MODELS_DIR/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "download", help="download an entry's weights (online)", description=cmd_download.__doc__
+    )
+    p.add_argument("model", help="catalog id, e.g. python-codegen")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("status", help="show a running server's status", description=cmd_status.__doc__)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("adduser", help="add a login to a users file", description=cmd_adduser.__doc__)
+    p.add_argument("name", help="user name")
+    p.add_argument("--file", help="users file (default data/users.toml); use it with BABL_AUTH=@<file>")
+    p.set_defaults(func=cmd_adduser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Chat sessions and the one generation path shared by the app, the API and the CLI.
+
+`ChatSession` is plain data (the model id, the messages, settings, the system prompt). `ChatService`
+turns a session plus a new message into a stream of text chunks: catalog → cache → prompt style →
+generator. It knows nothing about Chainlit or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from babl_core.cache import ModelCache
+from babl_core.catalog import Catalog, ModelSpec, availability
+from babl_core.generation import GenerationParams, GenerationStats
+from babl_core.generation import stream as default_stream
+from babl_core.loading import LoadedModel, ModelUnavailable
+from babl_core.prompts import Prompt, build_prompt, get_style
+
+MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
+SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+
+
+class BadMessage(ValueError):
+    """The user's message cannot be sent (empty, too long for the model's context)."""
+
+
+@dataclass
+class ChatSession:
+    """One conversation. Assistant messages carry the id of the model that wrote them."""
+
+    model_id: str
+    messages: list[dict] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def history(self) -> list[dict]:
+        """Role/content dicts for prompt rendering (the system prompt first when set)."""
+        out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt.strip() else []
+        out += [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "model_id": self.model_id,
+            "messages": [dict(m) for m in self.messages],
+            "settings": dict(self.settings),
+            "system_prompt": self.system_prompt,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChatSession:
+        return cls(
+            model_id=data["model_id"],
+            messages=[dict(m) for m in data.get("messages", [])],
+            settings=dict(data.get("settings", {})),
+            system_prompt=data.get("system_prompt", ""),
+            id=data.get("id") or uuid.uuid4().hex,
+        )
+
+
+class ChatReply:
+    """An async iterator of text chunks for one answer, plus what is known about it.
+
+    `notes` (trimmed history, ignored system prompt) and `model` are set before the first chunk;
+    `stats` and `text` are complete when iteration ends. `stop()` ends it early; the partial answer
+    is kept.
+    """
+
+    def __init__(self, service: ChatService, session: ChatSession | None, spec: ModelSpec, messages: list[dict],
+                 params: GenerationParams, *, record: bool, use_adapter: bool = True,
+                 stop_event: threading.Event | None = None, on_status: Callable[[str], None] | None = None):  # fmt: skip
+        self.service = service
+        self.session = session
+        self.spec = spec
+        self.messages = messages
+        self.params = params
+        self.record = record
+        self.use_adapter = use_adapter
+        self.stop_event = stop_event or threading.Event()
+        self.on_status = on_status
+        self.notes: list[str] = []
+        self.prompt: Prompt | None = None
+        self.text = ""
+        self.stats = GenerationStats()
+        self.description = ""
+        self.finished = False
+        self._iterated = False
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.id if self.use_adapter else f"{self.spec.id} (base, no adapter)"
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.stats.finish_reason == "cancelled"
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._iterated:
+            raise RuntimeError("a ChatReply can be iterated once")
+        self._iterated = True
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[str]:
+        service = self.service
+        loop = asyncio.get_running_loop()
+        status = self.on_status
+        loaded: LoadedModel = await asyncio.to_thread(
+            service.cache.acquire,
+            self.spec,
+            use_adapter=self.use_adapter,
+            on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
+        )
+        service._generation_started()
+        try:
+            self.description = loaded.describe()
+            self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
+            self.notes = list(self.prompt.notes)
+            gen = service.stream_fn(
+                loaded, self.prompt.text, self.params, self.stop_event,
+                add_special_tokens=self.prompt.add_special_tokens,
+            )  # fmt: skip
+            self.stats = gen.stats
+            async for chunk in _pump(gen, self.stop_event):
+                self.text += chunk
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stats.finish_reason = self.stats.finish_reason or "cancelled"
+            raise
+        except BaseException:
+            self.stats.finish_reason = "error"
+            raise
+        finally:
+            service._generation_finished()
+            await asyncio.to_thread(service.cache.release, loaded)
+            self.finished = True
+            if self.stats.finish_reason is None:  # cancelled from outside (task cancelled, disconnect)
+                self.stats.finish_reason = "cancelled"
+            if self.stats.finished_at is None:
+                self.stats.finished_at = time.perf_counter()
+            if self.record and self.session is not None and self.stats.finish_reason != "error":
+                self.service._record(self)
+
+
+async def _pump(gen, stop_event: threading.Event) -> AsyncIterator[str]:
+    """Bridge a blocking chunk iterator (run in a worker thread) to async, chunk by chunk.
+
+    One thread pumps into an asyncio queue, so the event loop never blocks on the model and there is
+    no thread hop per token (at ~1,000 tokens/s a hop per token costs more than the token).
+    """
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def run() -> None:
+        try:
+            for chunk in gen:
+                loop.call_soon_threadsafe(q.put_nowait, chunk)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(q.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(q.put_nowait, done)
+
+    worker = threading.Thread(target=run, name="babl-pump", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = await q.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if worker.is_alive():
+            stop_event.set()  # the consumer went away (stop button, disconnect): end generate()
+            await asyncio.to_thread(worker.join, 30)
+
+
+def render_prompt(
+    spec: ModelSpec, loaded: LoadedModel, messages: list[dict], params: GenerationParams
+) -> Prompt:
+    """The entry's prompt style over the messages, trimmed to the model's context."""
+    style = get_style(spec.prompt_style)
+    try:
+        return build_prompt(
+            style,
+            messages,
+            loaded.tokenizer,
+            context_length=loaded.context_length,
+            max_new_tokens=params.max_new_tokens,
+            seq2seq=loaded.kind == "seq2seq",
+        )
+    except ValueError as exc:  # PromptTooLong is a ValueError
+        raise BadMessage(str(exc)) from exc
+
+
+class ChatService:
+    """Sessions in, text chunks out: the one path used by the app, the API and the CLI."""
+
+    def __init__(self, catalog: Catalog | None = None, cache: ModelCache | None = None, stream_fn=None):
+        self.catalog = catalog or Catalog.load()
+        self.cache = cache or ModelCache()
+        self.stream_fn = stream_fn or default_stream
+        self._active = 0
+        self._lock = threading.Lock()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    @property
+    def active_generations(self) -> int:
+        with self._lock:
+            return self._active
+
+    def _generation_started(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def _generation_finished(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _record(self, reply: ChatReply) -> None:
+        session = reply.session
+        session.messages.append(dict(reply.messages[-1]))
+        session.messages.append(
+            {
+                "role": "assistant",
+                "content": reply.text,
+                "model": reply.spec.id,
+                "stopped": reply.stats.finish_reason == "cancelled",
+            }
+        )
+
+    # -- the API -------------------------------------------------------------------------------------
+    def spec(self, model_id: str) -> ModelSpec:
+        return self.catalog.get(model_id)
+
+    def params_for(self, spec: ModelSpec, settings: dict | None = None, **overrides) -> GenerationParams:
+        """Entry defaults < session settings < per-call overrides; the style's stop strings added."""
+        merged = {k: v for k, v in (settings or {}).items() if k in SETTING_NAMES}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        params = GenerationParams.from_defaults(spec.generation, **merged)
+        extra = tuple(s for s in get_style(spec.prompt_style).stop_strings() if s not in params.stop)
+        if extra:
+            params = GenerationParams.from_defaults(None, **{**params.__dict__, "stop": params.stop + extra})
+        return params.validate()
+
+    def check_message(self, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise BadMessage("The message is empty: type a question or an instruction.")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise BadMessage(
+                f"The message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
+                "Send a shorter excerpt."
+            )
+        return text
+
+    def servable_spec(self, model_id: str) -> ModelSpec:
+        spec = self.catalog.get(model_id)
+        avail = availability(spec)
+        if not avail.servable:
+            raise ModelUnavailable(spec.id, avail.reason)
+        return spec
+
+    def respond(
+        self,
+        session: ChatSession,
+        text: str,
+        *,
+        stop_event: threading.Event | None = None,
+        on_status: Callable[[str], None] | None = None,
+        **overrides,
+    ) -> ChatReply:
+        """Answer `text` in `session`; iterate the reply for chunks. The turn is recorded at the end
+        (a stopped answer too, with `stopped: True`)."""
+        self.check_message(text)
+        spec = self.servable_spec(session.model_id)
+        params = self.params_for(spec, session.settings, **overrides)
+        messages = [*session.history(), {"role": "user", "content": text}]
+        return ChatReply(
+            self, session, spec, messages, params, record=True, stop_event=stop_event, on_status=on_status
+        )
+
+    def complete(self, model_id: str, messages: list[dict], *, stop_event=None, **overrides) -> ChatReply:
+        """A stateless answer to a message list (the API's chat completions); nothing is recorded."""
+        if not messages or messages[-1].get("role") != "user":
+            raise BadMessage("messages must end with a user message")
+        self.check_message(messages[-1].get("content", ""))
+        spec = self.servable_spec(model_id)
+        params = self.params_for(spec, None, **overrides)
+        return ChatReply(self, None, spec, list(messages), params, record=False, stop_event=stop_event)
+
+    def compare_with_base(self, session: ChatSession, *, stop_event=None) -> ChatReply:
+        """The last question again on the base model without the adapter (weights shared)."""
+        last_user = max((i for i, m in enumerate(session.messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise BadMessage("Nothing to compare yet: ask something first.")
+        spec = self.servable_spec(session.model_id)
+        if not spec.adapter:
+            raise BadMessage(f"{spec.id} has no adapter, so there is no base to compare with.")
+        params = self.params_for(spec, session.settings)
+        head = session.history()[: len(session.history()) - (len(session.messages) - last_user)]
+        messages = [*head, {"role": "user", "content": session.messages[last_user]["content"]}]
+        return ChatReply(
+            self, session, spec, messages, params, record=False, use_adapter=False, stop_event=stop_event
+        )
+
+    async def switch_model(self, session: ChatSession, model_id: str, *, on_status=None) -> str:
+        """Load `model_id` for the session (history kept); returns `describe()`. On failure the
+        session keeps its previous model and the error propagates."""
+        spec = self.servable_spec(model_id)
+        loop = asyncio.get_running_loop()
+        loaded = await asyncio.to_thread(
+            self.cache.acquire,
+            spec,
+            on_wait=(lambda msg: loop.call_soon_threadsafe(on_status, msg)) if on_status else None,
+        )
+        try:
+            description = loaded.describe()
+        finally:
+            await asyncio.to_thread(self.cache.release, loaded)
+        session.model_id = spec.id
+        return description
+
+
+async def coalesce(chunks: AsyncIterator[str], max_rate_hz: float = 30.0) -> AsyncIterator[str]:
+    """Merge chunks so a UI gets at most `max_rate_hz` updates a second (DESIGN.md "Streaming").
+
+    The first chunk goes out at once; later ones are held until the interval has passed — by a timer,
+    so a slow model's last token never waits for the next one. Nothing is dropped.
+    """
+    interval = 1.0 / max_rate_hz
+    source = chunks.__aiter__()
+    buffer: list[str] = []
+    last = float("-inf")
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(source.__anext__())
+            timeout = max(0.0, last + interval - time.monotonic()) if buffer else None
+            done, _ = await asyncio.wait({pending}, timeout=timeout)
+            if pending in done:
+                try:
+                    buffer.append(pending.result())
+                except StopAsyncIteration:
+                    pending = None
+                    break
+                pending = None
+            if buffer and time.monotonic() - last >= interval:
+                yield "".join(buffer)
+                buffer.clear()
+                last = time.monotonic()
+        if buffer:
+            yield "".join(buffer)
+    finally:
+        if pending is not None:
+            pending.cancel()

@@ -1,0 +1,108 @@
+"""Shared fixtures: offline everywhere, demo models built once per test session in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub/transformers: never reach for the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("BABL_MODELS", None)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def session_models_dir(tmp_path_factory) -> Path:
+    """A models dir with the demo models, built once (~5 s) and shared by every test."""
+    from babl_core.demo import build_demo_models
+
+    root = tmp_path_factory.mktemp("models")
+    build_demo_models(root / "demo", quiet=True)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_env(session_models_dir, tmp_path_factory):
+    """Point BABL_MODELS_DIR / BABL_DATA_DIR at temp dirs for the whole session."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BABL_MODELS_DIR", str(session_models_dir))
+        mp.setenv("BABL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        yield
+
+
+@pytest.fixture
+def models_dir(tmp_path, session_models_dir, monkeypatch) -> Path:
+    """A per-test models dir (its own adapters/) that shares the session's demo models."""
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "demo").symlink_to(session_models_dir / "demo", target_is_directory=True)
+    (root / "adapters").mkdir()
+    monkeypatch.setenv("BABL_MODELS_DIR", str(root))
+    return root
+
+
+def make_lora_adapter(
+    base_dir: Path, out_dir: Path, *, seed: int, task: str = "html", prompt_style: str = "codellama-inst",
+    kind: str = "causal", label: str | None = None, base_ref: str | None = None, write_meta: bool = True,
+) -> Path:  # fmt: skip
+    """A LoRA adapter with random (non-zero) B matrices, so it visibly changes the base's output."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=32, init_lora_weights=False,
+        task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    if write_meta:
+        meta = {
+            "id": out_dir.name, "label": label or f"test adapter {out_dir.name}", "task": task,
+            "base": base_ref or str(base_dir), "prompt_style": prompt_style, "recipe": "test",
+            "metrics": {}, "created": "2026-11-23T00:00:00Z",
+        }  # fmt: skip
+        (out_dir / "babl.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def html_adapters(session_models_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters on demo-html (built once), as directories outside any models dir."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = session_models_dir / "demo" / "demo-html"
+    return {
+        name: make_lora_adapter(base, root / name, seed=seed) for name, seed in (("ad-a", 1), ("ad-b", 2))
+    }
+
+
+def install_adapter(src: Path, models_dir: Path, name: str | None = None) -> Path:
+    dst = models_dir / "adapters" / (name or src.name)
+    shutil.copytree(src, dst)
+    if name:
+        meta = json.loads((dst / "babl.json").read_text())
+        meta["id"] = name
+        (dst / "babl.json").write_text(json.dumps(meta))
+    return dst
+
+
+def chromium_or_skip() -> str:
+    """Path of Debian's Chromium; a skip with the install hint, or a failure under BABL_CI_STRICT."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path:
+        return path
+    message = "Chromium is missing: apt-get install -y chromium chromium-driver (never `playwright install`)"
+    if os.environ.get("BABL_CI_STRICT") == "1":
+        pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
+    pytest.skip(message)
