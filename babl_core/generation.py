@@ -325,14 +325,14 @@ class GenerationStream:
 
         try:
             sampler = make_sampler(self.params)
-            with torch.inference_mode():
+            rows = prompt_ids["input_ids"].shape[0]
+            with torch.inference_mode(), self.loaded.selecting_adapter(rows):
                 self.loaded.model.generate(
                     **prompt_ids,
                     generation_config=generation_config(self.loaded, self.params),
                     logits_processor=LogitsProcessorList([sampler] if sampler else []),
                     stopping_criteria=StoppingCriteriaList([_stop_criteria(self._stopped)]),
                     streamer=_QueueStreamer(self._queue),
-                    **self.loaded.adapter_kwargs(prompt_ids["input_ids"].shape[0]),
                 )
             self._queue.put(_END)
         except BaseException as exc:  # re-raised in the consumer's thread

@@ -8,9 +8,11 @@ Nothing here caches: `babl_core.cache.ModelCache` decides what stays in memory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -163,11 +165,15 @@ class LoadedModel:
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def adapter_kwargs(self, batch: int = 1) -> dict:
-        """Per-request adapter selection for generate(): never flips the base's active adapter."""
+    def adapter_names(self, batch: int = 1) -> list[str] | None:
+        """Per-row PEFT adapter names for this view (None for a model without adapters)."""
         if not self.is_peft:
-            return {}
-        return {"adapter_names": [self.adapter_name or BASE_ADAPTER] * batch}
+            return None
+        return [self.adapter_name or BASE_ADAPTER] * batch
+
+    def selecting_adapter(self, batch: int = 1):
+        """Context for one forward/generate call in this thread: use this view's adapter."""
+        return selected_adapters(self.adapter_names(batch))
 
     def with_adapter(self, name: str | None, ref: str | None = None) -> LoadedModel:
         """The same weights seen through another adapter (or the bare base with None)."""
@@ -316,8 +322,52 @@ def attach_adapter(loaded: LoadedModel, ref: str) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(ref, f"could not load adapter {ref}: {exc}") from None
     loaded.model.eval()
+    install_adapter_selector(loaded.model)
     loaded.footprint_bytes = int(loaded.model.get_memory_footprint())
     return loaded.with_adapter(name, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-thread adapter selection.
+#
+# PEFT selects adapters per row with `generate(..., adapter_names=[...])`, but it does so by adding
+# forward hooks to the shared LoRA modules for the duration of the call: two threads generating on one
+# base with different adapters then see each other's hooks (measured: wrong adapter's text). We install
+# one permanent hook per LoRA module that reads the names from a thread-local set around each call, so
+# concurrent generations on one base each get their own adapter, and nothing global is ever switched.
+
+_selection = threading.local()
+
+
+@contextlib.contextmanager
+def selected_adapters(names: list[str] | None):
+    previous = getattr(_selection, "names", None)
+    _selection.names = names
+    try:
+        yield
+    finally:
+        _selection.names = previous
+
+
+def _inject_adapter_names(module, args, kwargs):
+    names = getattr(_selection, "names", None)
+    if names is None or module.training:
+        return None
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+def install_adapter_selector(model) -> None:
+    """Hook every LoRA module once (idempotent) so `selected_adapters` reaches it."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and not getattr(
+            module, "_babl_selector", False
+        ):
+            module.register_forward_pre_hook(_inject_adapter_names, with_kwargs=True)
+            module._babl_selector = True
 
 
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
