@@ -27,14 +27,10 @@ import re
 import secrets
 import stat
 import tempfile
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser ships as `tomli`
-    import tomli as tomllib
 
 from babl_core import settings
 
@@ -74,7 +70,7 @@ class HostPolicyError(SystemExit):
     """
 
 
-class AuthMode(str, enum.Enum):
+class AuthMode(enum.StrEnum):
     """How visitors are identified; compares equal to its string value."""
 
     PASSWORD = "password"  # BABL_AUTH set: the login page
