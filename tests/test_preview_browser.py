@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import html
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from babl_core.render import SANDBOX, preview_document, sandbox_for
-from babl_core.settings import REPO_ROOT
+from babl_core.settings import REPO_ROOT, env_flag
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +53,7 @@ def require_chromium():
             )
     if problem is None:
         return
-    if os.environ.get("BABL_CI_STRICT"):
+    if env_flag("BABL_CI_STRICT"):
         pytest.fail(f"BABL_CI_STRICT is set and {problem}")
     pytest.skip(problem)
 
@@ -235,5 +240,123 @@ def test_control_without_our_document_the_sandbox_alone_leaks(browser, server):
     try:
         assert "/leak-img" in leaks
         assert "/leak-stylesheet" in leaks
+    finally:
+        context.close()
+
+
+# --- the real custom element in Chainlit ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chainlit_app(server, tmp_path_factory):
+    """`chainlit run tests/assets/preview_app.py` from the repo root, so the project's
+    public/elements/HtmlPreview.jsx and .chainlit/config.toml are the ones served."""
+    require_chromium()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("chainlit") / "chainlit.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "BABL_TEST_LEAK_URL": server.url,
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "chainlit", "run", "tests/assets/preview_app.py", "--headless"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_html_preview_element_in_chainlit(browser, server, chainlit_app):
+    """public/elements/HtmlPreview.jsx as Chainlit 2.12 runs it: the sandboxed frame renders and
+    follows the element's update, UI state survives the update, the download is a non-HTML file
+    with the page in it, a tampered sandbox is refused, and nothing reaches the leak server."""
+    from playwright.sync_api import expect
+
+    server.requests.clear()
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(chainlit_app)
+        preview = page.get_by_test_id("html-preview")
+        expect(preview).to_have_count(1, timeout=30000)
+        frame = preview.frame_locator("iframe")
+        expect(frame.locator("h1#headline")).to_have_text("Hostile page rendered", timeout=10000)
+        expect(frame.locator("#last")).to_have_count(0)  # the streamed part only
+        expect(preview).to_contain_text("streaming")
+        download_button = preview.get_by_role("button", name="Download .html")
+        expect(download_button).to_be_disabled()
+        assert preview.locator("iframe").get_attribute("sandbox") == ""
+
+        # The generated HTML is shown as code in the chat, never rendered on the app's page.
+        assert page.locator("h1#headline").count() == 0
+        expect(page.locator(".message-content pre").first).to_contain_text('<h1 id="headline">')
+
+        # A sandbox with allow-same-origin is refused: a warning, no frame.
+        refused = page.get_by_test_id("html-preview-refused")
+        expect(refused).to_contain_text("allow-same-origin")
+        assert page.locator("iframe").count() == 1
+
+        # Full screen, then the final update: the state survives the remount.
+        preview.get_by_role("button", name="Full screen").click()
+        expect(preview).to_have_css("position", "fixed")
+        page.locator("#chat-input").fill("done")
+        page.locator("#chat-input").press("Enter")
+        expect(frame.locator("#last")).to_have_text("The last part", timeout=15000)
+        expect(preview).not_to_contain_text("streaming")
+        expect(preview).to_have_css("position", "fixed")
+        page.keyboard.press("Escape")
+        expect(preview).not_to_have_css("position", "fixed")
+
+        expect(download_button).to_be_enabled()
+        with page.expect_download() as download_info:
+            download_button.click()
+        download = download_info.value
+        assert download.suggested_filename == "hostile-page.html"
+        saved = Path(download.path()).read_text(encoding="utf-8")
+        assert saved.startswith("<!DOCTYPE html>") and '<p id="last">The last part</p>' in saved
+        assert "Content-Security-Policy" not in saved  # the page as generated, not the srcdoc
+        blob_type = page.evaluate(
+            "() => new Promise(done => { const before = URL.createObjectURL;"
+            " URL.createObjectURL = blob => { URL.createObjectURL = before; done(blob.type);"
+            " return before(blob); }; document.querySelector('[data-testid=html-preview] button:last-child').click(); })"
+        )
+        assert blob_type == "application/octet-stream"
+
+        expect(frame.locator("h1#headline")).to_have_text("Hostile page rendered")
+        page.wait_for_timeout(1000)
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT_DIR / "preview-chainlit.png"))
+        assert server.leaks() == [], f"the preview reached the server: {server.leaks()}"
+        assert server.requests == []
     finally:
         context.close()
