@@ -37,8 +37,11 @@ async def start() -> None:
     element = cl.CustomElement(
         name="HtmlPreview", props=preview_props(html, final=False, title=TITLE, preview_id="p1")
     )
-    message = cl.Message(content=format_answer("html", STREAMED, partial=True), elements=[element])
+    # The element is sent on its own, not in message.elements: Message.update() re-sends every element
+    # it holds, and the chat text updates far more often than the (throttled) preview should.
+    message = cl.Message(content=format_answer("html", STREAMED, partial=True))
     await message.send()
+    await element.send(for_id=message.id)
     cl.user_session.set("preview", (message, element))
 
     tampered = preview_props("<h1>tampered</h1>", final=True, title="tampered")
