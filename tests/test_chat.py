@@ -1,0 +1,235 @@
+"""ChatService: turns recorded, stop keeps the partial answer, switching keeps history, compare."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from babl_core.cache import ModelCache
+from babl_core.catalog import Catalog
+from babl_core.chat import BadMessage, ChatService, ChatSession, coalesce
+from babl_core.loading import ModelUnavailable
+from tests.conftest import REPO_ROOT, install_adapter
+
+
+@pytest.fixture
+def service(models_dir):
+    return ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), ModelCache(max_models=3))
+
+
+async def collect(reply) -> str:
+    return "".join([chunk async for chunk in reply])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24}
+
+
+def test_respond_streams_and_records_the_turn(service):
+    session = ChatSession(model_id="demo-python", settings=GREEDY)
+    reply = service.respond(session, "def add(a, b):")
+    text = run(collect(reply))
+    assert text and reply.text == text
+    assert session.messages[0] == {"role": "user", "content": "def add(a, b):"}
+    assert session.messages[1]["role"] == "assistant" and session.messages[1]["content"] == text
+    assert session.messages[1]["model"] == "demo-python" and session.messages[1]["stopped"] is False
+    assert reply.stats.tokens_per_second > 0 and reply.description.startswith("float32 on cpu")
+    assert service.active_generations == 0
+
+
+def test_second_turn_prompt_contains_the_history(service):
+    session = ChatSession(model_id="demo-python", settings=GREEDY)
+    run(collect(service.respond(session, "first question")))
+    reply = service.respond(session, "second question")
+    run(collect(reply))
+    assert "first question" in reply.prompt.text and "second question" in reply.prompt.text
+    assert session.messages[1]["content"] in reply.prompt.text
+    assert len(session.messages) == 4
+
+
+def test_stop_keeps_the_partial_answer(service):
+    session = ChatSession(model_id="demo-python", settings={"temperature": 0, "max_new_tokens": 1900})
+
+    async def go():
+        event = threading.Event()
+        reply = service.respond(session, "class Widget:", stop_event=event)
+        chunks = []
+        async for chunk in reply:
+            chunks.append(chunk)
+            if len(chunks) == 10:
+                event.set()
+        return reply, "".join(chunks)
+
+    reply, text = run(go())
+    assert reply.stats.finish_reason == "cancelled"
+    assert reply.stats.completion_tokens < 1900
+    assert session.messages[-1]["content"] == text and session.messages[-1]["stopped"] is True
+
+
+def test_cancelling_the_task_stops_generation_and_records_partial(service):
+    session = ChatSession(model_id="demo-python", settings={"temperature": 0, "max_new_tokens": 1900})
+
+    async def go():
+        reply = service.respond(session, "import sys")
+        seen = []
+
+        async def consume():
+            async for chunk in reply:
+                seen.append(chunk)
+
+        task = asyncio.create_task(consume())
+        for _ in range(500):
+            if seen or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert seen, "no chunk arrived"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return reply
+
+    start = time.perf_counter()
+    reply = run(go())
+    assert time.perf_counter() - start < 10
+    assert reply.stats.finish_reason == "cancelled"
+    assert session.messages[-1]["stopped"] is True
+    assert service.active_generations == 0
+
+
+def test_switch_keeps_history_and_rerenders_in_the_new_style(service):
+    session = ChatSession(model_id="demo-python", settings=GREEDY)
+    run(collect(service.respond(session, "Write a function that adds two numbers")))
+    description = run(service.switch_model(session, "demo-html"))
+    assert session.model_id == "demo-html" and "on cpu" in description
+    reply = service.respond(session, "Now a web page")
+    run(collect(reply))
+    # The earlier turn is re-rendered in codellama-inst ([INST] blocks), not alpaca's "### Task:".
+    assert "[INST] Write a function that adds two numbers [/INST]" in reply.prompt.text
+    assert "### Task:" not in reply.prompt.text
+    assert [m.get("model") for m in session.messages if m["role"] == "assistant"] == ["demo-python", "demo-html"]
+    # causal -> seq2seq: the T5 style answers one message at a time and says so.
+    run(service.switch_model(session, "demo-qa"))
+    reply = service.respond(session, "Question: who?\nContext: Ada wrote it.")
+    run(collect(reply))
+    assert reply.prompt.text == "question: who? context: Ada wrote it."
+    assert any("earlier turns" in n for n in reply.notes)
+    assert len(session.messages) == 6
+
+
+def test_failed_switch_keeps_the_previous_model(service):
+    session = ChatSession(model_id="demo-python")
+    with pytest.raises(ModelUnavailable):
+        run(service.switch_model(session, "html-codellama"))
+    assert session.model_id == "demo-python"
+
+
+def test_compare_with_base_while_another_session_streams(service, models_dir, html_adapters):
+    install_adapter(html_adapters["ad-a"], models_dir, "html-lora")
+    import json
+
+    meta = models_dir / "adapters" / "html-lora" / "babl.json"
+    data = json.loads(meta.read_text())
+    data["base"] = "models/demo/demo-html"
+    meta.write_text(json.dumps(data))
+
+    session = ChatSession(model_id="html-lora", settings=GREEDY)
+    other = ChatSession(model_id="demo-html", settings={"temperature": 0, "max_new_tokens": 400})
+
+    async def go():
+        adapter_text = await collect(service.respond(session, "A login form"))
+        background = asyncio.create_task(collect(service.respond(other, "A pricing table")))
+        compare = service.compare_with_base(session)
+        base_text = await collect(compare)
+        other_text = await background
+        return adapter_text, base_text, other_text, compare
+
+    adapter_text, base_text, other_text, compare = run(go())
+    plain = ChatSession(model_id="demo-html", settings=GREEDY)
+    reference = run(collect(service.respond(plain, "A login form")))
+    assert base_text == reference and adapter_text != base_text
+    assert other_text
+    assert compare.model_id.endswith("(base, no adapter)")
+    assert len(session.messages) == 2  # the comparison is not recorded in the conversation
+    assert service.cache.loads == 1  # adapter, base view and the other session share one base
+
+
+def test_trimming_is_reported(service):
+    session = ChatSession(model_id="demo-python", settings={"temperature": 0, "max_new_tokens": 1900})
+    for i in range(3):
+        session.messages += [
+            {"role": "user", "content": f"question {i} " + "word " * 60},
+            {"role": "assistant", "content": "answer " * 60, "model": "demo-python"},
+        ]
+    reply = service.respond(session, "the newest question")
+    run(collect(reply))
+    assert reply.prompt.dropped_turns >= 1
+    assert any("dropped" in n for n in reply.notes)
+
+
+def test_bad_input_is_a_clear_error_and_the_session_stays_usable(service):
+    session = ChatSession(model_id="demo-python", settings=GREEDY)
+    with pytest.raises(BadMessage, match="empty"):
+        service.respond(session, "   ")
+    with pytest.raises(BadMessage, match="characters"):
+        service.respond(session, "x" * 1_000_000)
+    with pytest.raises(BadMessage, match="tokens"):
+        run(collect(service.respond(session, "word " * 3000)))  # longer than the 2048-token context alone
+    assert session.messages == []
+    assert run(collect(service.respond(session, "ok"))) is not None
+    assert len(session.messages) == 2
+
+
+def test_active_generation_count_is_visible_while_streaming(service):
+    session = ChatSession(model_id="demo-python", settings={"temperature": 0, "max_new_tokens": 200})
+
+    async def go():
+        seen = []
+        async for _ in service.respond(session, "go"):
+            seen.append(service.active_generations)
+        return seen
+
+    assert max(run(go())) == 1
+    assert service.active_generations == 0
+
+
+def test_coalesce_limits_the_update_rate_and_loses_nothing():
+    async def fast_source():
+        for i in range(300):
+            yield f"{i},"
+            await asyncio.sleep(0.001)
+
+    async def go():
+        out = []
+        start = time.monotonic()
+        async for merged in coalesce(fast_source(), max_rate_hz=30):
+            out.append(merged)
+        return out, time.monotonic() - start
+
+    out, elapsed = run(go())
+    assert "".join(out) == "".join(f"{i}," for i in range(300))
+    assert len(out) <= 30 * elapsed + 2
+
+
+def test_coalesce_flushes_a_held_chunk_without_waiting_for_the_next():
+    async def slow_source():
+        yield "a"
+        yield "b"  # arrives within the interval: held back...
+        await asyncio.sleep(0.5)  # ...and must be flushed by the timer, not after this pause
+        yield "c"
+
+    async def go():
+        stamps = []
+        start = time.monotonic()
+        async for merged in coalesce(slow_source(), max_rate_hz=30):
+            stamps.append((merged, time.monotonic() - start))
+        return stamps
+
+    stamps = run(go())
+    assert [s for s, _ in stamps] == ["a", "b", "c"]
+    assert stamps[1][1] < 0.3
