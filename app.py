@@ -13,7 +13,9 @@ async def start() -> None:
     svc = service()
     default = svc.catalog.default_model()
     if default is None:
-        await cl.Message(content="No model is usable here. Run `python -m babl_core models` to see why.").send()
+        await cl.Message(
+            content="No model is usable here. Run `python -m babl_core models` to see why."
+        ).send()
         return
     cl.user_session.set("chat", ChatSession(model_id=default.id))
     await cl.Message(content=f"Model: **{default.display_label}**").send()

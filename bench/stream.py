@@ -32,7 +32,7 @@ def build_models(root: Path, skip_large: bool) -> dict[str, Path]:
     tok = build_causal_tokenizer()
     dirs = {}
     large = dict(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2560)
-    sizes = {"tiny": {}} if skip_large else {"105M": large, "tiny": {}}
+    sizes = {"tiny": {}} if skip_large else {"105m": large, "tiny": {}}
     for name, kw in sizes.items():
         model = build_llama(tok, **kw)
         path = root / name
@@ -141,9 +141,9 @@ def main() -> int:
         m = r["median"]
         print(f"{r['model']:<12} {m['raw_tok_s']:>10.1f} {m['stream_tok_s']:>13.1f} {r['tok_s_ratio']:>7.3f}   "
               f"{m['raw_first_s'] * 1000:>8.1f}ms {m['stream_first_s'] * 1000:>11.1f}ms {r['first_chunk_ratio']:>7.2f}")  # fmt: skip
-    large = next((r for r in results if r["model"] == "bench-105M"), None)
+    large = next((r for r in results if r["model"] == "bench-105m"), None)
     if large:
-        print(f"\ngoals on 105M: tokens/s ratio {large['tok_s_ratio']:.3f} (≥ 0.97: "
+        print(f"\ngoals on 105m: tokens/s ratio {large['tok_s_ratio']:.3f} (≥ 0.97: "
               f"{'met' if large['tok_s_ratio'] >= 0.97 else 'NOT met'}), first chunk {large['first_chunk_ratio']:.2f}× "
               f"(≤ 1.2: {'met' if large['first_chunk_ratio'] <= 1.2 else 'NOT met'})")  # fmt: skip
     out = ROOT / "bench" / "results"

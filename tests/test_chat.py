@@ -112,7 +112,10 @@ def test_switch_keeps_history_and_rerenders_in_the_new_style(service):
     # The earlier turn is re-rendered in codellama-inst ([INST] blocks), not alpaca's "### Task:".
     assert "[INST] Write a function that adds two numbers [/INST]" in reply.prompt.text
     assert "### Task:" not in reply.prompt.text
-    assert [m.get("model") for m in session.messages if m["role"] == "assistant"] == ["demo-python", "demo-html"]
+    assert [m.get("model") for m in session.messages if m["role"] == "assistant"] == [
+        "demo-python",
+        "demo-html",
+    ]
     # causal -> seq2seq: the T5 style answers one message at a time and says so.
     run(service.switch_model(session, "demo-qa"))
     reply = service.respond(session, "Question: who?\nContext: Ada wrote it.")

@@ -15,13 +15,20 @@ from tests.conftest import REPO_ROOT
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "babl_core", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT
+        [sys.executable, "-m", "babl_core", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
     )
 
 
 @pytest.mark.slow
 def test_generate_streams_text_from_a_demo_model():
-    result = run_cli("generate", "--model", "demo-python", "hello", "--max-new-tokens", "20", "--temperature", "0")
+    result = run_cli(
+        "generate", "--model", "demo-python", "hello", "--max-new-tokens", "20", "--temperature", "0"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "demo-python: float32 on cpu" in result.stderr and "tok/s" in result.stderr
@@ -41,7 +48,11 @@ def test_models_table_lists_every_entry_with_availability(capsys):
     assert main(["models", "--wide"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["id", "task", "availability", "reason"]
-    for model_id, word in (("demo-python", "local"), ("html-codellama", "unavailable"), ("email-t5", "needs-training")):
+    for model_id, word in (
+        ("demo-python", "local"),
+        ("html-codellama", "unavailable"),
+        ("email-t5", "needs-training"),
+    ):
         row = next(line for line in out.splitlines() if line.startswith(model_id + " "))
         assert word in row
 
