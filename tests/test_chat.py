@@ -112,7 +112,10 @@ def test_switch_keeps_history_and_rerenders_in_the_new_style(service):
     # The earlier turn is re-rendered in codellama-inst ([INST] blocks), not alpaca's "### Task:".
     assert "[INST] Write a function that adds two numbers [/INST]" in reply.prompt.text
     assert "### Task:" not in reply.prompt.text
-    assert [m.get("model") for m in session.messages if m["role"] == "assistant"] == ["demo-python", "demo-html"]
+    assert [m.get("model") for m in session.messages if m["role"] == "assistant"] == [
+        "demo-python",
+        "demo-html",
+    ]
     # causal -> seq2seq: the T5 style answers one message at a time and says so.
     run(service.switch_model(session, "demo-qa"))
     reply = service.respond(session, "Question: who?\nContext: Ada wrote it.")
@@ -233,3 +236,33 @@ def test_coalesce_flushes_a_held_chunk_without_waiting_for_the_next():
     stamps = run(go())
     assert [s for s, _ in stamps] == ["a", "b", "c"]
     assert stamps[1][1] < 0.3
+
+
+def test_complete_text_sends_the_prompt_as_is(service):
+    reply = service.complete_text("demo-python", "def add(a, b):", temperature=0, max_new_tokens=16)
+    text = run(collect(reply))
+    assert reply.prompt.text == "def add(a, b):"  # no alpaca template around it
+    assert reply.prompt.add_special_tokens is True and reply.prompt.token_count > 0
+    assert reply.params.stop == ()  # alpaca-code's "### Instruction:" stop is not added to raw prompts
+    assert text == reply.text and reply.stats.completion_tokens > 0
+    styled = service.complete(
+        "demo-python", [{"role": "user", "content": "def add(a, b):"}], max_new_tokens=16
+    )
+    run(collect(styled))
+    assert styled.prompt.text != "def add(a, b):" and styled.params.stop  # the chat path keeps its style
+
+
+def test_complete_text_matches_the_chat_path_with_the_same_prompt_and_seed(service):
+    settings = {"temperature": 0.9, "seed": 11, "max_new_tokens": 20}
+    first = run(collect(service.complete_text("demo-python", "x = ", **settings)))
+    again = run(collect(service.complete_text("demo-python", "x = ", **settings)))
+    assert first == again
+
+
+def test_complete_text_too_long_names_the_budget(service):
+    with pytest.raises(BadMessage, match="max new tokens") as info:
+        run(collect(service.complete_text("demo-python", "word " * 3000, max_new_tokens=10)))
+    assert info.value.__cause__.needed_tokens > info.value.__cause__.available_tokens
+    with pytest.raises(BadMessage, match="empty"):
+        service.complete_text("demo-python", "")
+    assert service.active_generations == 0
