@@ -117,8 +117,8 @@ class ChatReply:
         service = self.service
         loop = asyncio.get_running_loop()
         status = self.on_status
-        loaded: LoadedModel = await asyncio.to_thread(
-            service.cache.acquire,
+        loaded: LoadedModel = await _acquire(
+            service.cache,
             self.spec,
             use_adapter=self.use_adapter,
             on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
@@ -155,6 +155,26 @@ class ChatReply:
                 self.stats.finished_at = time.perf_counter()
             if self.record and self.session is not None and self.stats.finish_reason != "error":
                 self.service._record(self)
+
+
+async def _acquire(cache: ModelCache, spec: ModelSpec, **kwargs) -> LoadedModel:
+    """`cache.acquire` in a worker thread, safe to cancel.
+
+    Cancelling the awaiting task does not stop the thread: without care, a load that finishes after
+    the caller went away (stop button, closed HTTP connection) would keep its base marked busy forever.
+    The lease is handed back as soon as the abandoned acquire returns.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(cache.acquire, spec, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def give_back(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                cache.release(done.result())
+
+        future.add_done_callback(give_back)
+        raise
 
 
 async def _pump(gen, stop_event: threading.Event) -> AsyncIterator[str]:

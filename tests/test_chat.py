@@ -266,3 +266,36 @@ def test_complete_text_too_long_names_the_budget(service):
     with pytest.raises(BadMessage, match="empty"):
         service.complete_text("demo-python", "")
     assert service.active_generations == 0
+
+
+def test_cancel_while_the_model_loads_gives_the_lease_back(models_dir):
+    from babl_core.loading import load_base
+
+    gate = threading.Event()
+
+    def slow_loader(spec, plan):
+        gate.wait(10)
+        return load_base(spec, plan)
+
+    cache = ModelCache(max_models=1, loader=slow_loader)
+    service = ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), cache)
+
+    async def go():
+        reply = service.complete("demo-python", [{"role": "user", "content": "hi"}], max_new_tokens=4)
+        task = asyncio.create_task(collect(reply))
+        await asyncio.sleep(0.2)  # the task now waits for the load
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        for _ in range(200):
+            if cache.status()["bases"] and cache.status()["bases"][0]["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the done-callback that gives the lease back
+
+    run(go())
+    status = cache.status()
+    assert status["bases"] and status["bases"][0]["state"] == "ready"
+    assert status["active_generations"] == 0  # an orphaned lease would keep the base busy forever
+    assert service.active_generations == 0
