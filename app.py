@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import chainlit as cl
+from chainlit.server import app as chainlit_app
 
+from babl_core.api import register_api
 from babl_core.chat import ChatSession, coalesce
 from babl_core.runtime import service
+
+register_api(chainlit_app)  # the HTTP API on the same port, ahead of Chainlit's UI catch-all
 
 
 @cl.on_chat_start

@@ -20,7 +20,7 @@ from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
 from babl_core.generation import stream as default_stream
 from babl_core.loading import LoadedModel, ModelUnavailable
-from babl_core.prompts import Prompt, build_prompt, get_style
+from babl_core.prompts import Prompt, PromptTooLong, build_prompt, count_tokens, get_style
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
 SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -76,7 +76,8 @@ class ChatReply:
 
     def __init__(self, service: ChatService, session: ChatSession | None, spec: ModelSpec, messages: list[dict],
                  params: GenerationParams, *, record: bool, use_adapter: bool = True,
-                 stop_event: threading.Event | None = None, on_status: Callable[[str], None] | None = None):  # fmt: skip
+                 stop_event: threading.Event | None = None, on_status: Callable[[str], None] | None = None,
+                 raw: bool = False):  # fmt: skip
         self.service = service
         self.session = session
         self.spec = spec
@@ -86,6 +87,7 @@ class ChatReply:
         self.use_adapter = use_adapter
         self.stop_event = stop_event or threading.Event()
         self.on_status = on_status
+        self.raw = raw  # True: the last message's content is the prompt as is (no prompt style)
         self.notes: list[str] = []
         self.prompt: Prompt | None = None
         self.text = ""
@@ -115,8 +117,8 @@ class ChatReply:
         service = self.service
         loop = asyncio.get_running_loop()
         status = self.on_status
-        loaded: LoadedModel = await asyncio.to_thread(
-            service.cache.acquire,
+        loaded: LoadedModel = await _acquire(
+            service.cache,
             self.spec,
             use_adapter=self.use_adapter,
             on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
@@ -124,7 +126,10 @@ class ChatReply:
         service._generation_started()
         try:
             self.description = loaded.describe()
-            self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
+            if self.raw:
+                self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
+            else:
+                self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
             self.notes = list(self.prompt.notes)
             gen = service.stream_fn(
                 loaded, self.prompt.text, self.params, self.stop_event,
@@ -150,6 +155,26 @@ class ChatReply:
                 self.stats.finished_at = time.perf_counter()
             if self.record and self.session is not None and self.stats.finish_reason != "error":
                 self.service._record(self)
+
+
+async def _acquire(cache: ModelCache, spec: ModelSpec, **kwargs) -> LoadedModel:
+    """`cache.acquire` in a worker thread, safe to cancel.
+
+    Cancelling the awaiting task does not stop the thread: without care, a load that finishes after
+    the caller went away (stop button, closed HTTP connection) would keep its base marked busy forever.
+    The lease is handed back as soon as the abandoned acquire returns.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(cache.acquire, spec, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def give_back(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                cache.release(done.result())
+
+        future.add_done_callback(give_back)
+        raise
 
 
 async def _pump(gen, stop_event: threading.Event) -> AsyncIterator[str]:
@@ -203,6 +228,39 @@ def render_prompt(
         )
     except ValueError as exc:  # PromptTooLong is a ValueError
         raise BadMessage(str(exc)) from exc
+
+
+def raw_prompt(loaded: LoadedModel, text: str, params: GenerationParams) -> Prompt:
+    """`text` as the model's whole input (no prompt style), checked against the context.
+
+    Raises:
+        BadMessage: the prompt (plus max_new_tokens for causal models) does not fit the context.
+    """
+    count = count_tokens(loaded.tokenizer, text, add_special_tokens=True)
+    context = loaded.context_length
+    seq2seq = loaded.kind == "seq2seq"
+    available = context if seq2seq else context - params.max_new_tokens
+    if count > available:
+        if seq2seq:
+            detail = f"the model reads at most {context}. To fix it, shorten the prompt."
+        else:
+            room = context - count
+            fix = (
+                f"or lower max new tokens to {room} or less"
+                if room > 0
+                else "(lowering max new tokens alone cannot help)"
+            )
+            detail = (
+                f"only {max(available, 0)} are available (a {context}-token context minus "
+                f"{params.max_new_tokens} max new tokens). To fix it, shorten the prompt {fix}."
+            )
+        too_long = PromptTooLong(
+            f"The prompt is too long: it needs {count} tokens but {detail}",
+            needed_tokens=count,
+            available_tokens=max(available, 0),
+        )
+        raise BadMessage(str(too_long)) from too_long
+    return Prompt(text, add_special_tokens=True, token_count=count)
 
 
 class ChatService:
@@ -299,6 +357,34 @@ class ChatService:
         spec = self.servable_spec(model_id)
         params = self.params_for(spec, None, **overrides)
         return ChatReply(self, None, spec, list(messages), params, record=False, stop_event=stop_event)
+
+    def complete_text(self, model_id: str, prompt: str, *, stop_event=None, **overrides) -> ChatReply:
+        """A stateless continuation of a raw prompt (the API's text completions); nothing is recorded.
+
+        The prompt goes to the model as is: no prompt style, so no system prompt, no template and none
+        of the style's stop strings (only the `stop` given here). Same cache, generator and stop event
+        as `complete`.
+
+        Args:
+            model_id: a catalog id.
+            prompt: the text to continue (encoder input for seq2seq models).
+            stop_event: set it to end the generation early.
+            **overrides: generation settings (max_new_tokens, temperature, top_p, top_k,
+                repetition_penalty, seed, stop); unset ones come from the entry's defaults.
+
+        Raises:
+            BadMessage: empty or oversized prompt (a prompt too long for the context is found when
+                the reply is first iterated).
+            UnknownModel, ModelUnavailable: the model cannot be served.
+            ValueError: an invalid generation setting (the message names it).
+        """
+        self.check_message(prompt)
+        spec = self.servable_spec(model_id)
+        merged = {k: v for k, v in overrides.items() if v is not None}
+        merged.setdefault("stop", ())  # the entry's default stops belong to its prompt style
+        params = GenerationParams.from_defaults(spec.generation, **merged).validate()
+        messages = [{"role": "user", "content": prompt}]
+        return ChatReply(self, None, spec, messages, params, record=False, stop_event=stop_event, raw=True)
 
     def compare_with_base(self, session: ChatSession, *, stop_event=None) -> ChatReply:
         """The last question again on the base model without the adapter (weights shared)."""

@@ -236,3 +236,66 @@ def test_coalesce_flushes_a_held_chunk_without_waiting_for_the_next():
     stamps = run(go())
     assert [s for s, _ in stamps] == ["a", "b", "c"]
     assert stamps[1][1] < 0.3
+
+
+def test_complete_text_sends_the_prompt_as_is(service):
+    reply = service.complete_text("demo-python", "def add(a, b):", temperature=0, max_new_tokens=16)
+    text = run(collect(reply))
+    assert reply.prompt.text == "def add(a, b):"  # no alpaca template around it
+    assert reply.prompt.add_special_tokens is True and reply.prompt.token_count > 0
+    assert reply.params.stop == ()  # alpaca-code's "### Instruction:" stop is not added to raw prompts
+    assert text == reply.text and reply.stats.completion_tokens > 0
+    styled = service.complete(
+        "demo-python", [{"role": "user", "content": "def add(a, b):"}], max_new_tokens=16
+    )
+    run(collect(styled))
+    assert styled.prompt.text != "def add(a, b):" and styled.params.stop  # the chat path keeps its style
+
+
+def test_complete_text_matches_the_chat_path_with_the_same_prompt_and_seed(service):
+    settings = {"temperature": 0.9, "seed": 11, "max_new_tokens": 20}
+    first = run(collect(service.complete_text("demo-python", "x = ", **settings)))
+    again = run(collect(service.complete_text("demo-python", "x = ", **settings)))
+    assert first == again
+
+
+def test_complete_text_too_long_names_the_budget(service):
+    with pytest.raises(BadMessage, match="max new tokens") as info:
+        run(collect(service.complete_text("demo-python", "word " * 3000, max_new_tokens=10)))
+    assert info.value.__cause__.needed_tokens > info.value.__cause__.available_tokens
+    with pytest.raises(BadMessage, match="empty"):
+        service.complete_text("demo-python", "")
+    assert service.active_generations == 0
+
+
+def test_cancel_while_the_model_loads_gives_the_lease_back(models_dir):
+    from babl_core.loading import load_base
+
+    gate = threading.Event()
+
+    def slow_loader(spec, plan):
+        gate.wait(10)
+        return load_base(spec, plan)
+
+    cache = ModelCache(max_models=1, loader=slow_loader)
+    service = ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), cache)
+
+    async def go():
+        reply = service.complete("demo-python", [{"role": "user", "content": "hi"}], max_new_tokens=4)
+        task = asyncio.create_task(collect(reply))
+        await asyncio.sleep(0.2)  # the task now waits for the load
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        for _ in range(200):
+            if cache.status()["bases"] and cache.status()["bases"][0]["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the done-callback that gives the lease back
+
+    run(go())
+    status = cache.status()
+    assert status["bases"] and status["bases"][0]["state"] == "ready"
+    assert status["active_generations"] == 0  # an orphaned lease would keep the base busy forever
+    assert service.active_generations == 0
