@@ -443,7 +443,7 @@ def welcome_text(choice: ModelChoice | None, choices: list[ModelChoice], *, publ
     lines = [
         f"Answering with {model_line(spec)}. {task_hint(spec.task)}",
         "",
-        "Open the settings (the sliders icon next to the input) to switch models — the conversation "
+        "Open the settings (the gear icon in the message box) to switch models — the conversation "
         "is kept — or to change sampling, the system prompt and the HTML preview. "
         "Type `/status` to see loaded models and running answers.",
     ]

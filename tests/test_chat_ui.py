@@ -475,3 +475,29 @@ def test_ui_state_for_model_uses_the_entry_defaults(catalog):
     state = state_on(catalog, "demo-qa")
     assert isinstance(state.chat, ChatSession) and state.chat.model_id == "demo-qa"
     assert state.chat.settings == {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 60}
+
+
+# --- chainlit.md ------------------------------------------------------------------------------------
+
+
+def welcome_page_examples() -> dict[str, str]:
+    """The fenced examples of chainlit.md, by the bold title before each."""
+    import re
+
+    text = (REPO_ROOT / "chainlit.md").read_text()
+    pattern = re.compile(r"\*\*(?P<title>[^*]+)\*\*(?:(?!\*\*|```).)*```text\n(?P<body>.*?)\n```", re.DOTALL)
+    return {m["title"]: m["body"] for m in pattern.finditer(text)}
+
+
+def test_the_welcome_pages_examples_parse_as_their_tasks_expect():
+    from babl_core.prompts import parse_email_request, parse_qa_request
+
+    examples = welcome_page_examples()
+    assert {"HTML", "Python", "Email", "Code (T5)"} <= set(examples)
+    email = parse_email_request(examples["Email"])
+    assert email["sender"] == "Ana Ruiz" and email["recipient"] == "the support team"
+    assert "Friday at 18:00" in email["key_points"] and "Monday" in email["key_points"]
+    with_passage = parse_qa_request(examples["Question answering with a passage"])
+    assert with_passage["question"] == "When did the bakery open?" and "1998" in with_passage["context"]
+    without = parse_qa_request(examples["Question answering without a passage"])
+    assert without == {"question": "Who wrote the novel Frankenstein?", "context": None}
