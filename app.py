@@ -236,7 +236,11 @@ async def _answer_turn(state: chat_ui.UiState, text: str) -> None:
             if failure:
                 await _error(f"{failure}\n\nPick another model in the settings.")
                 return
-        reply = svc.respond(state.chat, text, stop_event=state.stop_event)
+        # The cache reports waits (every model slot busy, another request loading this base).
+        on_status = chat_ui.status_callback(
+            lambda note: cl.Message(content=f"*{note}…*", author="Babl").send()
+        )
+        reply = svc.respond(state.chat, text, stop_event=state.stop_event, on_status=on_status)
     except chat_ui.USER_ERRORS as exc:
         await _error(chat_ui.error_text(exc))
         return

@@ -593,7 +593,7 @@ async def stream_answer(
     text already shown is finalised first, marked as failed.
     """
     throttle = throttle or PreviewThrottle()
-    fallback_title = f"{reply.spec.id} answer"
+    fallback_title = f"{reply.model_id} answer"
     text = ""
     try:
         async for chunk in coalesce(reply, max_rate_hz):

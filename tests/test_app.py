@@ -547,3 +547,29 @@ def test_tunnel_refusal_is_printed_at_startup(app_module, monkeypatch, capsys, t
     run(app_module.open_public_tunnel())
     assert "Tunnel not opened" in capsys.readouterr().out
     run(app_module.close_public_tunnel())  # nothing open: a no-op
+
+
+def test_tunnel_url_is_printed_and_shown_to_users(app_module, svc, monkeypatch, capsys, tmp_path):
+    import sys
+
+    from babl_core import tunnel
+
+    fake = REPO_ROOT / "tests" / "assets" / "fake_ngrok.py"
+    binary = tmp_path / "bin" / "ngrok"
+    binary.parent.mkdir()
+    binary.write_text(f"#!{sys.executable}\n" + fake.read_text().split("\n", 1)[1])
+    binary.chmod(0o755)
+    for name, value in {
+        "BABL_TUNNEL": "1", "BABL_AUTH": "alice:pw", "BABL_API_KEY": "key", "NGROK_AUTHTOKEN": "2babl_FAKE_token",
+        "BABL_NGROK_PATH": str(binary), "BABL_DATA_DIR": str(tmp_path / "data"),
+        "FAKE_NGROK_URL": "https://babl-app-test.ngrok.example",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    try:
+        run(app_module.open_public_tunnel())
+        assert "Babl public URL (ngrok): https://babl-app-test.ngrok.example" in capsys.readouterr().out
+        tab = run(started(app_module))
+        assert "https://babl-app-test.ngrok.example" in tab.answers()[0]["output"]
+    finally:
+        run(app_module.close_public_tunnel())
+    assert tunnel.tunnel_url() is None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, chromium_or_skip
+from tests.conftest import REPO_ROOT, chromium_or_skip, install_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,6 +38,7 @@ LABELS = {
     "demo-python": "Python — demo CodeGen (python, demo — random weights)",
     "demo-html": "HTML — demo Llama (html, demo — random weights)",
     "demo-qa": "Q&A — demo T5 (qa, demo — random weights)",
+    "ad-a": "test adapter ad-a (html, demo — random weights)",
 }
 # The small label under each answer: "`model` · N tokens · R tokens/s[ · how it ended]".
 FOOTER = re.compile(r"([\w.-]+(?: \(base, no adapter\))?) · (\d+) tokens · \d+ tokens/s")  # JS-compatible
@@ -122,11 +123,17 @@ def require_playwright() -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(session_models_dir, tmp_path_factory):
+def app_url(session_models_dir, html_adapters, tmp_path_factory):
+    """The app on the demo models plus one LoRA adapter on demo-html (`ad-a`, discovered)."""
     require_playwright()
     root = tmp_path_factory.mktemp("app-server")
+    models = root / "models"
+    models.mkdir()
+    (models / "demo").symlink_to(session_models_dir / "demo", target_is_directory=True)
+    (models / "adapters").mkdir()
+    install_adapter(html_adapters["ad-a"], models)
     log_path = root / "chainlit.log"
-    process, url = start_app(server_env(session_models_dir, root / "data"), log_path)
+    process, url = start_app(server_env(models, root / "data"), log_path)
     try:
         yield url
     finally:
@@ -265,6 +272,29 @@ def test_two_browsers_with_two_models_at_once(browser, app_url):
     finally:
         first_context.close()
         second_context.close()
+
+
+def test_compare_with_base_button(browser, app_url):
+    from playwright.sync_api import expect
+
+    context, page = open_chat(browser, app_url)
+    try:
+        choose(page, "ad-a")
+        answers = page.locator(ANSWERS).count()
+        ask(page, "A page with a price list")
+        assert wait_for_answer(page, answers + 1)["model"] == "ad-a"
+        button = page.get_by_role("button", name="Compare with base")
+        expect(button).to_have_count(1)
+        button.scroll_into_view_if_needed()
+        screenshot(page, "app-compare-button.png")
+        button.click()
+        base = wait_for_answer(page, answers + 2)
+        assert base["model"] == "ad-a (base, no adapter)"
+        assert base["text"].startswith("The same prompt on the base model, without the adapter:")
+        expect(button).to_have_count(0)  # used: the comparison is shown
+        screenshot(page, "app-compare.png")
+    finally:
+        context.close()
 
 
 def test_other_origins_cannot_call_the_app_with_the_users_cookie(app_url):
