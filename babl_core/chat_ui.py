@@ -154,6 +154,7 @@ def listing_key(choices: Iterable[ModelChoice]) -> tuple:
 
 
 def find_choice(choices: Iterable[ModelChoice], model_id: str) -> ModelChoice | None:
+    """The dropdown entry with this id, or None when the listing does not hold it."""
     return next((c for c in choices if c.id == model_id), None)
 
 
@@ -425,10 +426,12 @@ def settings_for_new_model(state: UiState, spec: ModelSpec, touched: set[str]) -
 
 
 def task_hint(task: str) -> str:
+    """One line on how to ask a model of this task (shown when a chat starts or the task changes)."""
     return TASK_HINTS.get(task, TASK_HINTS["chat"])
 
 
 def model_line(spec: ModelSpec) -> str:
+    """The model as messages name it: its dropdown label in bold, then its id."""
     return f"**{spec.display_label}** (`{spec.id}`)"
 
 
@@ -458,6 +461,7 @@ def welcome_text(choice: ModelChoice | None, choices: list[ModelChoice], *, publ
 
 
 def switched_text(spec: ModelSpec, description: str, *, task_changed: bool) -> str:
+    """The message after a switch: the new model, what was loaded (`describe()`), the task's hint."""
     text = f"Now answering with {model_line(spec)} — {description}. The conversation is kept."
     if task_changed:
         text += f"\n\n{task_hint(spec.task)}"
@@ -529,6 +533,7 @@ def _cell(text: str) -> str:
 
 
 def is_status_command(command: str | None, text: str) -> bool:
+    """The `/status` command: picked from Chainlit's command menu, or typed as text."""
     return command == STATUS_COMMAND or text.strip().lower() == f"/{STATUS_COMMAND}"
 
 
