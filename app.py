@@ -1,35 +1,318 @@
-"""Babl's Chainlit hooks. Only UI glue lives here; everything else is in babl_core."""
+"""Babl's Chainlit hooks: UI glue only. What to show and how to react is decided in
+`babl_core.chat_ui`; answers come from the shared `ChatService` (`babl_core.runtime.service()`, the
+same one the API uses); login and the tunnel are `babl_core.auth` and `babl_core.tunnel`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+
 import chainlit as cl
+from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
+from babl_core import auth, chat_ui, tunnel
 from babl_core.api import register_api
-from babl_core.chat import ChatSession, coalesce
+from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
 
-register_api(chainlit_app)  # the HTTP API on the same port, ahead of Chainlit's UI catch-all
+log = logging.getLogger("babl.app")
+
+# The API (OpenAI-compatible routes and seed 003's endpoint) on Chainlit's own FastAPI app, ahead of
+# its UI catch-all, so it shares this process's cache and generation path.
+register_api(chainlit_app)
+
+HOST, PORT = chat_ui.listen_address()
+
+# --- login (DESIGN.md "Login"): decided once, at import; Chainlit allows one auth callback ---------
+AUTH_MODE = auth.check_host_policy(HOST)  # a non-loopback host without BABL_AUTH stops here, with why
+auth.auth_secret()
+
+if AUTH_MODE == auth.AuthMode.PASSWORD:
+    _USERS = auth.load_users()
+
+    @cl.password_auth_callback
+    async def password_login(username: str, password: str) -> cl.User | None:
+        # scrypt costs ~50 ms of CPU per check: keep it off the event loop.
+        if await asyncio.to_thread(_USERS.verify, username, password):
+            return cl.User(identifier=username, metadata={"login": "password"})
+        return None
+
+else:
+
+    @cl.header_auth_callback
+    async def local_user(headers) -> cl.User:
+        # Loopback (or BABL_ALLOW_ANONYMOUS=1): every visitor is the one local user, so chat
+        # history works without a login page.
+        return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+
+
+# --- the tunnel ------------------------------------------------------------------------------------
+@cl.on_app_startup
+async def open_public_tunnel() -> None:
+    result = await asyncio.to_thread(tunnel.open_tunnel, PORT)  # bounded by its own timeout
+    for line in (
+        f"Babl public URL (ngrok): {result.url}" if result.url else None,
+        result.warning,
+        result.error,
+    ):
+        if line:
+            print(line, flush=True)
+
+
+@cl.on_app_shutdown
+async def close_public_tunnel() -> None:
+    await asyncio.to_thread(tunnel.close_tunnel)
+
+
+# --- Chainlit glue -----------------------------------------------------------------------------------
+STATE = "babl"
+COMPARE = "compare_with_base"
+WIDGETS = {"select": Select, "slider": Slider, "number": NumberInput, "text": TextInput, "switch": Switch}
+
+
+class ChainlitAnswer:
+    """`chat_ui.AnswerView` on a Chainlit message.
+
+    Streaming updates replace the whole text (`stream_token(..., is_sequence=True)`: the formatted
+    Markdown changes as fences open and close, and unlike `update()` it writes nothing to a data
+    layer 30 times a second); the last one is an `update()`. The preview element and the download
+    are sent on their own, for this message: `Message.update()` would re-send every element in
+    `message.elements` at each text update.
+    """
+
+    def __init__(self, author: str) -> None:
+        self.message = cl.Message(content="", author=author)
+        self._sent = False
+        self._preview: cl.CustomElement | None = None
+
+    async def show(self, markdown: str, *, final: bool) -> None:
+        if not self._sent:
+            self.message.content = markdown
+            await self.message.send()
+            self._sent = True
+        elif final:
+            self.message.content = markdown
+            await self.message.update()
+        else:
+            await self.message.stream_token(markdown, is_sequence=True)
+
+    async def show_preview(self, props: dict, *, final: bool) -> None:
+        if not self._sent:
+            await self.show("", final=False)
+        if self._preview is None:
+            self._preview = cl.CustomElement(name="HtmlPreview", props=props, display="inline")
+            await self._preview.send(for_id=self.message.id)
+        else:
+            self._preview.props = props
+            self._preview.content = json.dumps(props)  # what a data layer stores
+            await self._preview.update()
+
+    async def offer_download(self, attachment: dict) -> None:
+        await cl.File(display="inline", **attachment).send(for_id=self.message.id)
+
+
+def _state() -> chat_ui.UiState | None:
+    return cl.user_session.get(STATE)
+
+
+async def _listing() -> list[chat_ui.ModelChoice]:
+    # Discovery reads adapters from disk on every listing (new adapters appear without a restart).
+    return await asyncio.to_thread(lambda: chat_ui.model_choices(service().catalog.list()))
+
+
+async def _send_settings(state: chat_ui.UiState, choices: list[chat_ui.ModelChoice]) -> None:
+    widgets = []
+    for spec in chat_ui.settings_widgets(choices, state):
+        kind = spec.pop("kind")
+        widgets.append(WIDGETS[kind](**spec))
+    await cl.ChatSettings(widgets).send()
+    state.listing = chat_ui.listing_key(choices)
+
+
+async def _new_state(choices: list[chat_ui.ModelChoice]) -> chat_ui.UiState | None:
+    default = await asyncio.to_thread(service().catalog.default_model)
+    choice = chat_ui.default_choice(choices, default)
+    if choice is None:
+        return None
+    state = chat_ui.UiState.for_model(choice.spec)
+    cl.user_session.set(STATE, state)
+    await _send_settings(state, choices)
+    return state
+
+
+async def _error(text: str) -> None:
+    await cl.ErrorMessage(content=text, author="Babl").send()
+
+
+async def _load(state: chat_ui.UiState, spec: ModelSpec) -> tuple[str | None, str | None]:
+    """Load `spec` for the session inside a status step.
+
+    Returns:
+        (describe(), None) when loaded (the session now uses it), else (None, why not): the session
+        keeps its previous model.
+    """
+    # Chainlit titles a step "Using <name>" while it runs and "Used <name>" when done.
+    async with cl.Step(name=f"loader for {spec.id}", type="tool", show_input=False) as step:
+        step.output = f"Loading {spec.display_label}…"
+        await step.update()
+        on_status = chat_ui.status_callback(lambda text: step.stream_token(f"\n{text}"))
+        try:
+            description = await service().switch_model(state.chat, spec.id, on_status=on_status)
+        except Exception as exc:
+            # Shown to the user; the traceback goes to the server log.
+            log.exception("loading %s failed", spec.id)
+            step.is_error = True
+            step.output = f"Failed: {exc}"
+            return None, str(exc)
+        step.output = description
+    return description, None
 
 
 @cl.on_chat_start
-async def start() -> None:
-    svc = service()
-    default = svc.catalog.default_model()
-    if default is None:
-        await cl.Message(
-            content="No model is usable here. Run `python -m babl_core models` to see why."
-        ).send()
+async def start_chat() -> None:
+    await cl.context.emitter.set_commands(chat_ui.COMMANDS)
+    choices = await _listing()
+    state = await _new_state(choices)
+    choice = chat_ui.find_choice(choices, state.chat.model_id) if state else None
+    await cl.Message(content=chat_ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
+
+
+@cl.on_settings_update
+async def update_settings(values: dict) -> None:
+    state = _state()
+    if state is None:
         return
-    cl.user_session.set("chat", ChatSession(model_id=default.id))
-    await cl.Message(content=f"Model: **{default.display_label}**").send()
+    choices = await _listing()
+    change = chat_ui.read_settings(values, state, choices)
+    chat_ui.apply_settings(state, change)
+    notes = [*change.problems, *([change.refused] if change.refused else [])]
+    if change.model_id:
+        previous = chat_ui.find_choice(choices, state.chat.model_id)
+        new = chat_ui.find_choice(choices, change.model_id).spec
+        description, failure = await _load(state, new)
+        if failure:
+            notes.append(
+                f"Could not switch to `{new.id}`: {failure}\n\nStill answering with `{state.chat.model_id}`."
+            )
+        else:
+            chat_ui.settings_for_new_model(state, new, change.touched)
+            task_changed = previous is None or previous.spec.task != new.task
+            notes.append(chat_ui.switched_text(new, description, task_changed=task_changed))
+    # Always re-sent: the widgets then show what is in effect (a refused model, a rejected value,
+    # the new model's defaults).
+    await _send_settings(state, choices)
+    if notes:
+        await cl.Message(content="\n\n".join(notes), author="Babl").send()
 
 
 @cl.on_message
-async def on_message(message: cl.Message) -> None:
-    session: ChatSession = cl.user_session.get("chat")
-    reply = service().respond(session, message.content)
-    out = cl.Message(content="", author=session.model_id)
-    async for chunk in coalesce(reply):
-        await out.stream_token(chunk)
-    await out.send()
+async def answer(message: cl.Message) -> None:
+    svc = service()
+    if chat_ui.is_status_command(message.command, message.content):
+        status = await asyncio.to_thread(svc.cache.status)
+        await cl.Message(
+            content=chat_ui.status_markdown(status, svc.active_generations), author="Babl"
+        ).send()
+        return
+    choices = await _listing()
+    state = _state() or await _new_state(choices)
+    if state is None:
+        await _error(chat_ui.welcome_text(None, choices, public_url=None))
+        return
+    if chat_ui.listing_key(choices) != state.listing:
+        await _send_settings(state, choices)  # a new adapter or model: shown at the next message
+    state.begin_turn(message.id)  # an edited message rewinds the conversation to before it
+    stop_event = state.new_stop_event()
+    await chat_ui.finish_even_if_cancelled(_answer_turn(state, message.content), stop_event.set)
+
+
+async def _answer_turn(state: chat_ui.UiState, text: str) -> None:
+    svc = service()
+    try:
+        svc.check_message(text)  # before any load: an empty or huge message fails at once
+        spec = svc.servable_spec(state.chat.model_id)
+        if not await asyncio.to_thread(svc.cache.is_loaded, spec):
+            _, failure = await _load(state, spec)
+            if failure:
+                await _error(f"{failure}\n\nPick another model in the settings.")
+                return
+        # The cache reports waits (every model slot busy, another request loading this base).
+        on_status = chat_ui.status_callback(
+            lambda note: cl.Message(content=f"*{note}…*", author="Babl").send()
+        )
+        reply = svc.respond(state.chat, text, stop_event=state.stop_event, on_status=on_status)
+    except chat_ui.USER_ERRORS as exc:
+        await _error(chat_ui.error_text(exc))
+        return
+    await _remove_compare_button(state)
+    view = ChainlitAnswer(author=reply.model_id)
+    try:
+        await chat_ui.stream_answer(
+            reply, view, task=spec.task, preview=state.preview, preview_id=view.message.id
+        )
+    except chat_ui.USER_ERRORS as exc:
+        await _error(chat_ui.error_text(exc))
+        return
+    if spec.adapter:
+        action = cl.Action(
+            name=COMPARE,
+            payload={"answer": state.answers},
+            label="Compare with base",
+            tooltip="The same prompt on the base model without the adapter",
+            icon="git-compare",
+        )
+        await action.send(for_id=view.message.id)
+        state.compare_action = action
+
+
+async def _remove_compare_button(state: chat_ui.UiState) -> None:
+    # Compare always re-asks the latest question, so only the latest answer carries the button.
+    if state.compare_action is not None:
+        await state.compare_action.remove()
+        state.compare_action = None
+
+
+@cl.action_callback(COMPARE)
+async def compare_with_base(action: cl.Action) -> None:
+    state = _state()
+    if state is None:
+        return
+    if action.payload.get("answer") != state.answers:
+        await _error("Compare works on the latest answer only: ask again to compare a new answer.")
+        return
+    await _remove_compare_button(state)
+    stop_event = state.new_stop_event()
+    await cl.context.emitter.task_start()  # action callbacks get no stop button by themselves
+    try:
+        reply = service().compare_with_base(state.chat, stop_event=stop_event)
+        view = ChainlitAnswer(author=reply.model_id)
+        await chat_ui.stream_answer(
+            reply,
+            view,
+            task=reply.spec.task,
+            preview=state.preview,
+            header="**The same prompt on the base model, without the adapter:**\n\n",
+            preview_id=view.message.id,
+        )
+    except chat_ui.USER_ERRORS as exc:
+        await _error(chat_ui.error_text(exc))
+    finally:
+        await cl.context.emitter.task_end()
+
+
+@cl.on_stop
+async def stop_answer() -> None:
+    # Chainlit cancels the on_message task but not the generation thread: this event ends it.
+    state = _state()
+    if state is not None:
+        state.stop()
+
+
+@cl.on_chat_end
+async def end_chat() -> None:
+    state = _state()
+    if state is not None:
+        state.stop()  # a closed tab stops its answer too

@@ -1,0 +1,305 @@
+"""The chat app in a real browser: `chainlit run app.py --headless` on the demo models, driven by
+headless Chromium (Debian's package) through Playwright.
+
+One server for the module (starting Chainlit costs seconds). Screenshots go to test-output/.
+Chromium missing: skipped with the install command, or a failure when BABL_CI_STRICT=1; never
+`playwright install` (it downloads a browser and fails offline).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, chromium_or_skip, install_adapter
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+OUTPUT_DIR = REPO_ROOT / "test-output"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ANSWERS = '[data-step-type="assistant_message"] .message-content'
+LABELS = {
+    "demo-python": "Python — demo CodeGen (python, demo — random weights)",
+    "demo-html": "HTML — demo Llama (html, demo — random weights)",
+    "demo-qa": "Q&A — demo T5 (qa, demo — random weights)",
+    "ad-a": "test adapter ad-a (html, demo — random weights)",
+}
+# The small label under each answer: "`model` · N tokens · R tokens/s[ · how it ended]".
+FOOTER = re.compile(r"([\w.-]+(?: \(base, no adapter\))?) · (\d+) tokens · \d+ tokens/s")  # JS-compatible
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_env(models_dir: Path, data_dir: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BABL_", "CHAINLIT_", "NGROK_"))}
+    env.update(
+        PYTHONPATH=str(REPO_ROOT),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        BABL_MODELS_DIR=str(models_dir),
+        BABL_DATA_DIR=str(data_dir),
+        **extra,
+    )
+    return env
+
+
+def start_app(env: dict, log_path: Path, *, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """`chainlit run app.py --headless` from the repo root; returns the process and its URL once
+    /health answers (fails with the log when it exits or takes over 90 s)."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "chainlit",
+        "run",
+        "app.py",
+        "--headless",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_app(process)
+            pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=chromium_or_skip(), args=CHROMIUM_ARGS)
+
+
+def require_playwright() -> None:
+    chromium_or_skip()
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        message = "playwright is missing: pip install -r requirements-test.txt (never `playwright install`)"
+        if os.environ.get("BABL_CI_STRICT") == "1":
+            pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def app_url(session_models_dir, html_adapters, tmp_path_factory):
+    """The app on the demo models plus one LoRA adapter on demo-html (`ad-a`, discovered)."""
+    require_playwright()
+    root = tmp_path_factory.mktemp("app-server")
+    models = root / "models"
+    models.mkdir()
+    (models / "demo").symlink_to(session_models_dir / "demo", target_is_directory=True)
+    (models / "adapters").mkdir()
+    install_adapter(html_adapters["ad-a"], models)
+    log_path = root / "chainlit.log"
+    process, url = start_app(server_env(models, root / "data"), log_path)
+    try:
+        yield url
+    finally:
+        stop_app(process)
+        log = log_path.read_text()
+        assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def browser(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+def open_chat(browser, url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(url)
+    # Local-user mode: no login page, the welcome message comes at once.
+    page.locator(ANSWERS).first.wait_for(timeout=30000)
+    assert "Answering with" in page.locator(ANSWERS).first.inner_text()
+    return context, page
+
+
+def choose(page, model_id: str, *, max_new_tokens: int | None = None) -> None:
+    """Pick a model (and optionally max new tokens) in the settings dialog and wait for the switch."""
+    from playwright.sync_api import expect
+
+    switched = page.locator(ANSWERS).filter(has_text=f"Now answering with {LABELS[model_id]}")
+    before = switched.count()
+    page.locator("#chat-settings-open-modal").click()
+    dialog = page.locator("#chat-settings")
+    dialog.locator("#model").click()
+    page.get_by_role("option", name=LABELS[model_id], exact=True).click()
+    if max_new_tokens is not None:
+        dialog.locator("#max_new_tokens").fill(str(max_new_tokens))
+    page.get_by_role("button", name="Confirm").click()
+    expect(switched).to_have_count(before + 1, timeout=30000)
+
+
+def ask(page, text: str) -> None:
+    page.locator("#chat-input").fill(text)
+    page.locator("#chat-input").press("Enter")
+
+
+def wait_for_answer(page, count: int, timeout_ms: int = 60000) -> dict:
+    """Waits until answer number `count` (welcome included) carries its footer; returns the footer."""
+    answer = page.locator(ANSWERS).nth(count - 1)
+    answer.filter(has_text=FOOTER).wait_for(timeout=timeout_ms)
+    match = FOOTER.search(answer.inner_text())
+    return {"model": match[1], "tokens": int(match[2]), "text": answer.inner_text()}
+
+
+WATCH_LAST_ANSWER = """() => {
+  window.__bablLengths = [];
+  const observer = new MutationObserver(() => {
+    const answers = document.querySelectorAll('[data-step-type="assistant_message"] .message-content');
+    const last = answers[answers.length - 1];
+    if (last) window.__bablLengths.push(last.textContent.length);
+  });
+  observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def screenshot(page, name: str) -> None:
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT_DIR / name))
+
+
+def test_pick_switch_stream_preview_and_stop(browser, app_url):
+    from playwright.sync_api import expect
+
+    context, page = open_chat(browser, app_url)
+    try:
+        # demo-python, picked in the settings dialog: the answer streams and is labelled.
+        choose(page, "demo-python")
+        answers = page.locator(ANSWERS).count()
+        page.evaluate(WATCH_LAST_ANSWER)
+        ask(page, "def add(a, b):")
+        first = wait_for_answer(page, answers + 1)
+        assert first["model"] == "demo-python"
+        assert first["text"].startswith("python")  # the code block's language bar
+        lengths = page.evaluate("window.__bablLengths")
+        assert len(set(lengths)) >= 3, f"the answer did not stream: {lengths}"
+        screenshot(page, "app-python.png")
+
+        # Switch to demo-html mid-session: the next answer is demo-html's, with a sandboxed preview.
+        choose(page, "demo-html")
+        answers = page.locator(ANSWERS).count()
+        ask(page, "A landing page for a bakery")
+        second = wait_for_answer(page, answers + 1)
+        assert second["model"] == "demo-html"
+        preview = page.get_by_test_id("html-preview").last
+        expect(preview).to_be_visible(timeout=15000)
+        frame = preview.locator("iframe")
+        sandbox = frame.get_attribute("sandbox")
+        assert sandbox is not None and "allow-same-origin" not in sandbox
+        expect(preview.get_by_role("button", name="Download .html")).to_be_enabled()
+        preview.scroll_into_view_if_needed()
+        screenshot(page, "app-html-preview.png")
+
+        # A long answer, stopped: it ends early with the text so far and says so.
+        choose(page, "demo-python", max_new_tokens=1900)
+        answers = page.locator(ANSWERS).count()
+        ask(page, "class Widget:")
+        stop = page.locator("#stop-button")
+        stop.wait_for(timeout=30000)
+        page.locator(ANSWERS).nth(answers).wait_for(timeout=30000)  # text is streaming
+        stop.click()
+        stopped = wait_for_answer(page, answers + 1)
+        assert stopped["model"] == "demo-python" and stopped["tokens"] < 1900
+        assert "· stopped" in stopped["text"]
+        expect(page.locator("#chat-input")).to_be_enabled()
+        screenshot(page, "app-stopped.png")
+    finally:
+        context.close()
+
+
+def test_two_browsers_with_two_models_at_once(browser, app_url):
+    first_context, first = open_chat(browser, app_url)
+    second_context, second = open_chat(browser, app_url)
+    try:
+        choose(first, "demo-qa")  # the second keeps the default, demo-html
+        counts = [page.locator(ANSWERS).count() for page in (first, second)]
+        ask(first, "Question: Who baked the bread?\nContext: Ana baked the bread at dawn.")
+        ask(second, "A page with a contact form")
+        qa = wait_for_answer(first, counts[0] + 1)
+        html = wait_for_answer(second, counts[1] + 1)
+        assert qa["model"] == "demo-qa" and html["model"] == "demo-html"
+        screenshot(first, "app-two-sessions-qa.png")
+        screenshot(second, "app-two-sessions-html.png")
+    finally:
+        first_context.close()
+        second_context.close()
+
+
+def test_compare_with_base_button(browser, app_url):
+    from playwright.sync_api import expect
+
+    context, page = open_chat(browser, app_url)
+    try:
+        choose(page, "ad-a")
+        answers = page.locator(ANSWERS).count()
+        ask(page, "A page with a price list")
+        assert wait_for_answer(page, answers + 1)["model"] == "ad-a"
+        button = page.get_by_role("button", name="Compare with base")
+        expect(button).to_have_count(1)
+        button.scroll_into_view_if_needed()
+        screenshot(page, "app-compare-button.png")
+        button.click()
+        base = wait_for_answer(page, answers + 2)
+        assert base["model"] == "ad-a (base, no adapter)"
+        assert base["text"].startswith("The same prompt on the base model, without the adapter:")
+        expect(button).to_have_count(0)  # used: the comparison is shown
+        screenshot(page, "app-compare.png")
+    finally:
+        context.close()
+
+
+def test_other_origins_cannot_call_the_app_with_the_users_cookie(app_url):
+    request = urllib.request.Request(
+        f"{app_url}/auth/config", headers={"Origin": "http://evil.example", "Cookie": "access_token=x"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers.get("access-control-allow-origin") is None
