@@ -183,6 +183,10 @@ class PromptStyle:
     name: str = ""
     supports_system: bool = False
     multi_turn: bool = False
+    required_fields: tuple[str, ...] = ()
+    """Fields `training_pair` needs (finetune maps data set columns onto these names)."""
+    optional_fields: tuple[str, ...] = ()
+    """Fields `training_pair` uses when present."""
 
     def render(self, messages: list[dict], tokenizer=None) -> str:
         """The text to give the model, ending where the answer begins.
@@ -230,6 +234,8 @@ class AlpacaCodeStyle(PromptStyle):
     """
 
     name = "alpaca-code"
+    required_fields = ("instruction", "output")
+    optional_fields = ("input",)
     supports_system = False
     multi_turn = True
 
@@ -256,7 +262,7 @@ class AlpacaCodeStyle(PromptStyle):
 
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `instruction`, `input` (optional, empty when absent), `output`."""
-        _require_fields(self.name, fields, ("instruction", "output"), ("input",))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         prompt = self.block(fields["instruction"].strip(), (fields.get("input") or "").strip())
         return prompt, fields["output"]
 
@@ -269,6 +275,7 @@ class CodeLlamaInstStyle(PromptStyle):
     one, else the format written out with the tokenizer's BOS/EOS (`<s>`/`</s>` without a tokenizer)."""
 
     name = "codellama-inst"
+    required_fields = ("instruction", "response")
     supports_system = True
     multi_turn = True
 
@@ -297,7 +304,7 @@ class CodeLlamaInstStyle(PromptStyle):
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `instruction`, `response`. The target is what the format puts after `[/INST]`
         (" response " in Llama-2's layout), without EOS."""
-        _require_fields(self.name, fields, ("instruction", "response"))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         conversation = _user_only(fields["instruction"])
         prompt = self.render_conversation(conversation, tokenizer)
         if _has_chat_template(tokenizer):
@@ -318,6 +325,7 @@ class PlainChatStyle(PromptStyle):
     `System:` / `User:` / `Assistant:` lines."""
 
     name = "plain-chat"
+    required_fields = ("prompt", "response")
     supports_system = True
     multi_turn = True
 
@@ -332,7 +340,7 @@ class PlainChatStyle(PromptStyle):
 
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `prompt`, `response`. Without a chat template the target is " response"."""
-        _require_fields(self.name, fields, ("prompt", "response"))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         conversation = _user_only(fields["prompt"])
         prompt = self.render_conversation(conversation, tokenizer)
         if _has_chat_template(tokenizer):
@@ -435,13 +443,15 @@ class T5EmailStyle(PromptStyle):
     """Seed 003: an email body written from key points (T5 trained on aeslc reversed)."""
 
     name = "t5-email"
+    required_fields = ("key_points", "body")
+    optional_fields = ("sender", "recipient")
 
     def render_conversation(self, conversation: Conversation, tokenizer=None) -> str:
         return email_prompt(**parse_email_request(conversation.question))
 
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `key_points`, `body`, optional `sender`, `recipient`."""
-        _require_fields(self.name, fields, ("key_points", "body"), ("sender", "recipient"))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         prompt = email_prompt(fields["key_points"], fields.get("sender"), fields.get("recipient"))
         return prompt, fields["body"]
 
@@ -450,13 +460,15 @@ class T5QAStyle(PromptStyle):
     """Seed 004: SQuAD question answering, with or without a context passage."""
 
     name = "t5-qa"
+    required_fields = ("question", "answer")
+    optional_fields = ("context",)
 
     def render_conversation(self, conversation: Conversation, tokenizer=None) -> str:
         return qa_prompt(**parse_qa_request(conversation.question))
 
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `question`, `answer`, optional `context` (None or empty: question alone)."""
-        _require_fields(self.name, fields, ("question", "answer"), ("context",))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         return qa_prompt(fields["question"], fields.get("context")), fields["answer"]
 
 
@@ -464,13 +476,14 @@ class T5CodeStyle(PromptStyle):
     """Seed 000: Python code from a description (T5 on MBPP)."""
 
     name = "t5-code"
+    required_fields = ("text", "code")
 
     def render_conversation(self, conversation: Conversation, tokenizer=None) -> str:
         return code_prompt(conversation.question)
 
     def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
         """Fields: `text` (the description), `code`."""
-        _require_fields(self.name, fields, ("text", "code"))
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
         return code_prompt(fields["text"]), fields["code"]
 
 

@@ -516,3 +516,19 @@ def test_registry_is_keyed_by_style_name():
         "t5-code": (False, False),
         "plain-chat": (True, True),
     }
+
+
+@pytest.mark.parametrize("name", sorted(STYLES))
+def test_declared_training_fields_are_exactly_what_training_pair_needs(name):
+    """finetune maps data set columns onto `required_fields`/`optional_fields`, so they must be true."""
+    style = STYLES[name]
+    assert style.required_fields, name
+    complete = {key: "some text" for key in (*style.required_fields, *style.optional_fields)}
+    prompt, target = style.training_pair(complete)
+    assert prompt and target
+    # Optional fields may be left out; every required one is needed.
+    style.training_pair({key: "some text" for key in style.required_fields})
+    for missing in style.required_fields:
+        fields = {key: value for key, value in complete.items() if key != missing}
+        with pytest.raises(ValueError, match=missing):
+            style.training_pair(fields)

@@ -1,0 +1,241 @@
+"""`python -m finetune`: train | eval | predict | merge | experiment.
+
+    python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
+
+Every config key is also a command-line option (`--lora_r 8` or `--lora-r 8`); the command line wins
+over the file. `train` also runs under `accelerate launch -m finetune train ...`.
+Exit codes: 0 ok, 1 failed while running, 2 bad config or usage, 3 base model unavailable.
+
+Heavy imports (torch, transformers) happen inside the command functions, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from finetune.config import GROUPS, ConfigError, all_fields
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+NOT_BUILT = {
+    "eval": "loss, perplexity and task metrics (SQuAD EM/F1, ROUGE, pass@k, HTML validity) of an adapter",
+    "predict": "predictions on seeded random samples or your own queries",
+    "merge": "merge an adapter into its unquantized base for export",
+    "experiment": "seed 004's with/without-context experiment on qa-t5-squad",
+}
+
+
+def _err(message: str) -> None:
+    print(f"finetune: {message}", file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    from finetune.outputs import is_main_process
+
+    logger = logging.getLogger("finetune")
+    if not any(getattr(h, "_finetune", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("finetune: %(message)s"))
+        handler._finetune = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    logger.propagate = False
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """Train an adapter (or a full T5 fine-tune) as the config describes."""
+    from finetune.config import load_config
+
+    problems = _unknown_option_problems(unknown)
+    try:
+        config = load_config(args.config, overrides, for_training=not args.dry_run)
+    except ConfigError as exc:
+        _err(str(ConfigError(exc.source, problems + exc.problems)))
+        return EXIT_USAGE
+    if problems:
+        _err(str(ConfigError(config.source or args.config, problems)))
+        return EXIT_USAGE
+    _setup_logging()
+    if args.dry_run:
+        return _dry_run(config)
+
+    from babl_core.loading import ModelUnavailable
+    from finetune.data import DataError
+    from finetune.recipes import run_training
+
+    try:
+        result = run_training(config)
+    except DataError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ModelUnavailable as exc:
+        _err(f"base: {exc.reason}")
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        _err(
+            f"interrupted; continue from the last checkpoint with: python -m finetune train --config "
+            f"{config.source} --resume true"
+        )
+        return EXIT_FAILED
+    if result.output_dir is not None:
+        print(_summary(config, result))
+    return EXIT_OK
+
+
+def _summary(config, result) -> str:
+    from babl_core import settings
+    from finetune.config import claiming_entry
+
+    m = result.metrics
+    eval_part = f", eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
+    claimant = claiming_entry(config.run.run_name) if config.adapter.finetuning == "lora" else None
+    listed = (
+        f"it fills the catalog entry {claimant.id!r}"
+        if claimant
+        else f"listed as {config.run.run_name!r} by `python -m babl_core models`"
+    )
+    if config.adapter.finetuning == "full":
+        listed = "a full model directory: add it to configs/models.yaml as an entry's base to serve it"
+    return (
+        f"trained {config.run.run_name}: {m['steps']} steps, train loss {m['train_loss']:.4f}{eval_part}, "
+        f"{m['train_seconds']:.1f} s -> {settings.portable_path(result.output_dir)} ({listed})"
+    )
+
+
+def _dry_run(config) -> int:
+    """Print formatted examples with their loss mask and the token-length distribution; train nothing."""
+    from babl_core.loading import load_tokenizer
+    from finetune.data import DataError, describe_preview, prepare_data
+
+    try:
+        tokenizer = load_tokenizer(config.model.base, config.model.kind)
+        tokenizer.padding_side = "right"
+        prepared = prepare_data(tokenizer, config, kind=config.model.kind)
+    except DataError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _err(f"base: could not read the tokenizer of {config.model.base}: {exc}")
+        return EXIT_UNAVAILABLE
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(describe_preview(tokenizer, prepared, config, kind=config.model.kind, color=color))
+    return EXIT_OK
+
+
+def cmd_not_built(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    _err(
+        f"`{args.command}` ({NOT_BUILT[args.command]}) is not built yet; `train` is: "
+        "python -m finetune train --config configs/finetune/<recipe>.yaml"
+    )
+    return EXIT_FAILED
+
+
+# --------------------------------------------------------------------------------------------------
+def _unknown_option_problems(unknown: list[str]) -> list[str]:
+    import difflib
+
+    names = [f"--{name}" for name in all_fields()]
+    problems = []
+    for index, item in enumerate(unknown):
+        if not item.startswith("--"):
+            follows_option = (
+                index > 0 and unknown[index - 1].startswith("--") and "=" not in unknown[index - 1]
+            )
+            if not follows_option:  # else it is the value of the unknown option reported just before
+                problems.append(
+                    f"{item!r} (command line): not an option; write --key value, e.g. --max_steps 20"
+                )
+            continue
+        option = item.split("=", 1)[0].replace("-", "_").replace("__", "--", 1)
+        close = difflib.get_close_matches(option, names, n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `python -m finetune train --help`"
+        problems.append(f"{item} (command line): unknown option; {hint}")
+    return problems
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config key, grouped as in the dataclasses; absent options leave the YAML's value."""
+    fields = all_fields()
+    for group_name, cls in GROUPS.items():
+        group = parser.add_argument_group(f"{group_name} settings", (cls.__doc__ or "").strip())
+        for name, (owner, f, hint) in fields.items():
+            if owner != group_name:
+                continue
+            help_text = f.metadata.get("help", "")
+            choices = f.metadata.get("choices")
+            if choices:
+                help_text += f" [{' | '.join(choices)}]"
+            if not f.metadata.get("required"):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                help_text += f" (default: {default})"
+            flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+            is_bool = "bool" in str(hint)
+            group.add_argument(
+                *flags,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar="true|false" if is_bool else name.upper(),
+                nargs="?" if is_bool else None,
+                const="true" if is_bool else None,
+                help=help_text.replace("%", "%%"),
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune adapters for Babl. Exit codes: 0 ok, 1 failed, 2 bad config or usage, "
+        "3 base model unavailable.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train an adapter from a recipe config",
+        usage="python -m finetune train --config FILE [--key value ...] [--dry-run]",
+        description="Train an adapter. Every config key below can be given on the command line, where it "
+        "wins over the file.",
+        allow_abbrev=False,
+    )
+    train.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="the run's YAML, e.g. configs/finetune/demo-python.yaml",
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="print a few formatted examples (loss mask shown) and the "
+        "token-length distribution, then exit without training",
+    )  # fmt: skip
+    _add_config_options(train)
+    train.set_defaults(func=cmd_train)
+    for name, what in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{what} (not built yet)", description=f"{what}. Not built yet.")
+        p.add_argument("--config", metavar="FILE", help="the run's YAML")
+        p.add_argument("--dry-run", action="store_true", help="check without running")
+        p.set_defaults(func=cmd_not_built)
+    return parser
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, str], list[str]]:
+    """(parsed arguments, config overrides given on the command line, unrecognised arguments)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    names = set(all_fields())
+    overrides = {key: value for key, value in vars(args).items() if key in names}
+    return args, overrides, unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides, unknown = parse_command(argv)
+    try:
+        return args.func(args, overrides, unknown)
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

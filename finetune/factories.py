@@ -1,0 +1,146 @@
+"""Small factories that turn a run config into the Hugging Face objects the recipes use.
+
+They are shared by every recipe (and with the app, where the app has the same need): the device and
+quantization policy come from `babl_core.loading`, so a base is quantized for training exactly as it is
+for serving (the seeds' nf4 double-quant `BitsAndBytesConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from babl_core import settings
+from babl_core.catalog import ModelSpec
+from finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+
+def training_device() -> str:
+    """`BABL_DEVICE` (auto: CUDA when present); under `accelerate launch`, this process's own GPU."""
+    from babl_core.devices import resolve_device
+
+    device = resolve_device()
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.startswith("cuda") and local_rank is not None:
+        device = f"cuda:{int(local_rank)}"
+    return device
+
+
+def model_spec(config: FinetuneConfig) -> ModelSpec:
+    """The base as a catalog entry, so `babl_core.loading` applies the app's policy to it."""
+    model = config.model
+    in_demo_dir = False
+    if model.base:
+        try:
+            in_demo_dir = (
+                settings.resolve_path(model.base).resolve().is_relative_to(settings.demo_dir().resolve())
+            )
+        except OSError:
+            in_demo_dir = False
+    return ModelSpec(
+        id=config.run.run_name,
+        label=config.label,
+        task=config.run.task,
+        base=model.base,
+        kind=model.kind,
+        quantization=model.quantization,
+        dtype=model.dtype,
+        prompt_style=config.style_name,
+        demo=in_demo_dir,
+    )
+
+
+def lora_config(config: FinetuneConfig, task_type: str):
+    """PEFT's LoraConfig from the adapter settings (`task_type`: CAUSAL_LM or SEQ_2_SEQ_LM)."""
+    from peft import LoraConfig
+
+    adapter = config.adapter
+    return LoraConfig(
+        r=adapter.lora_r,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.lora_dropout,
+        bias=adapter.lora_bias,
+        target_modules=adapter.target_modules,
+        task_type=task_type,
+    )
+
+
+def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bool, cls=None, **extra):
+    """TrainingArguments (or a subclass: Seq2SeqTrainingArguments, TRL's SFTConfig) for this run.
+
+    Mixed precision follows the load plan: bf16/fp16 autocast on CUDA with that compute dtype, none on
+    CPU (LoRA weights stay float32 there). Activation checkpointing is switched on by the recipe itself,
+    before PEFT wraps the model, so it is off here.
+    """
+    from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
+    train = config.train
+    cuda = plan.device.startswith("cuda")
+    eval_steps = train.eval_steps or train.save_steps
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        weight_decay=train.weight_decay,
+        train_sampling_strategy=train.train_sampling_strategy,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        bf16=cuda and plan.dtype == "bfloat16",
+        fp16=cuda and plan.dtype == "float16",
+        use_cpu=plan.device == "cpu",
+        activation_checkpointing=False,
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_pin_memory=cuda,
+        **extra,
+    )
+    if train.optim:
+        kwargs["optim"] = train.optim
+    return cls(**kwargs)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, all) parameters; 4-bit weights count as their unpacked size, as PEFT reports them."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def final_evaluation(trainer) -> dict:
+    """The eval metrics at the last step: the trainer's own when it just evaluated, else one more pass."""
+    history = trainer.state.log_history
+    last = next((entry for entry in reversed(history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
+def quiet_training_noise() -> None:
+    """Silence warnings that are expected here and say nothing to the user.
+
+    - With lm_head adapted, PEFT copies the frozen embeddings into every checkpoint and warns each
+      time; the copies are harmless (resume reads them back) and the final adapter leaves them out.
+    - transformers 5.23 deprecates `is_gradient_checkpointing`, which PEFT 0.21 still reads.
+    """
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )

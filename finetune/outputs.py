@@ -1,0 +1,208 @@
+"""What a run leaves behind: the adapter directory (written atomically), `babl.json`, the loss curve,
+and the checkpoints `--resume` continues from.
+
+The adapter directory is what the app discovers (DESIGN.md "Adapters"): `models/adapters/<run-name>/`
+with the PEFT files and `babl.json` = {id, label, task, base, prompt_style, recipe, metrics, created}.
+It is assembled in `models/adapters/.partial/<run-name>/` (one level too deep for discovery, on the same
+file system) and renamed into place, so the app never lists a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from babl_core import settings
+from babl_core.catalog import looks_like_path
+from finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+META_FILE = "babl.json"
+CONFIG_FILE = "finetune.yaml"
+LOG_FILE = "trainer_log.json"
+PLOT_FILE = "loss.png"
+PARTIAL_DIR = ".partial"
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in the rank-0 process under `accelerate launch` / torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def portable_base(base: str) -> str:
+    """The base as the catalog writes it: a hub id or a relative path as given (both read the same way
+    everywhere), an absolute path made relative to the repo or models/ where it lies inside them."""
+    if not looks_like_path(base):
+        return base
+    path = Path(base).expanduser()
+    return settings.portable_path(path) if path.is_absolute() else path.as_posix()
+
+
+def metadata(config: FinetuneConfig, metrics: dict) -> dict:
+    """The `babl.json` document for this run."""
+    return {
+        "id": config.run.run_name,
+        "label": config.label,
+        "task": config.run.task,
+        "base": portable_base(config.model.base),
+        "prompt_style": config.style_name,
+        "recipe": config.recipe,
+        "metrics": metrics,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def staging_dir(config: FinetuneConfig) -> Path:
+    """The empty directory a run's weights are saved into before `publish` moves them into place.
+
+    Its path depends only on the run name, so under `accelerate launch` every process agrees on it
+    (all of them take part in saving; only the main one writes files).
+    """
+    target = config.adapter_path()
+    staging = target.parent / PARTIAL_DIR / target.name
+    if is_main_process():
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    return staging
+
+
+def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history: list[dict]) -> Path:
+    """Complete the staged directory (config, log, loss plot, babl.json) and rename it into place.
+
+    Args:
+        config: the run (its run name, overwrite flag and metadata).
+        staging: the directory from `staging_dir`, holding the saved weights.
+        metrics: what `babl.json` records.
+        log_history: the trainer's log entries (train and eval losses), for the JSON log and the plot.
+
+    Returns:
+        The final directory, e.g. models/adapters/<run-name>.
+    """
+    target = config.adapter_path()
+    try:
+        (staging / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+        (staging / LOG_FILE).write_text(json.dumps(log_history, indent=1) + "\n", encoding="utf-8")
+        plot_losses(log_history, staging / PLOT_FILE, title=config.run.run_name)
+        # babl.json last: it is what marks a directory as a finished adapter.
+        (staging / META_FILE).write_text(
+            json.dumps(metadata(config, metrics), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        _move_into_place(staging, target, overwrite=config.run.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        _remove_if_empty(staging.parent)
+    return target
+
+
+def _move_into_place(partial: Path, target: Path, *, overwrite: bool) -> None:
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{settings.portable_path(target)} appeared while training; pass --overwrite true to replace it"
+            )
+        # Swap: the old directory steps aside first, so the target is never missing a babl.json for long.
+        old = partial.parent / f"{target.name}.old-{time.time_ns()}"
+        target.rename(old)
+        partial.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    partial.rename(target)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (another run is assembling its adapter) or already gone
+
+
+def plot_losses(log_history: list[dict], path: Path, *, title: str = "") -> Path | None:
+    """A PNG of the training loss (and the evaluation loss, when there is one) against the step.
+
+    Returns the path, or None when the history has no loss to draw.
+    """
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    axes = figure.subplots()
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evaluation:
+        axes.plot(*zip(*evaluation, strict=True), label="eval loss", color="tab:orange", marker="o")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(f"{title} loss" if title else "loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints with a readable trainer state (written last), oldest first.
+
+    A run killed while saving leaves a checkpoint without one; resuming from it would fail, so it is
+    skipped and the one before it is used.
+    """
+    found = []
+    if not checkpoint_dir.is_dir():
+        return found
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if not (path.is_dir() and suffix.isdigit()):
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s", settings.portable_path(path))
+            continue
+        found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    checkpoints = complete_checkpoints(checkpoint_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def start_checkpoint_dir(config: FinetuneConfig) -> Path:
+    """Prepare the checkpoint directory: emptied for a fresh (--overwrite) run, kept for --resume.
+
+    The resolved config is saved there, so a resumed run can be checked against the one it continues.
+    """
+    path = config.checkpoint_path()
+    if is_main_process():
+        if not config.run.resume and path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not config.run.resume:
+            (path / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+    return path
+
+
+def finish_checkpoint_dir(config: FinetuneConfig) -> None:
+    """Delete the checkpoints after a successful run unless `keep_checkpoints`."""
+    path = config.checkpoint_path()
+    if is_main_process() and not config.train.keep_checkpoints and path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,30 @@
+"""Runnable recipes, one per model kind, each read top to bottom: setup → train → save.
+
+`causal_lm` trains LoRA/QLoRA adapters on decoder-only models (seeds 001 and 002); `seq2seq_lm` trains
+T5 (seeds 000, 003, 004). They share the library parts (`finetune.config`, `data`, `factories`,
+`outputs`) and are otherwise kept separate and linear on purpose: adapting one never breaks the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path | None
+    """The adapter directory (None in processes other than the main one)."""
+    metrics: dict = field(default_factory=dict)
+    log_history: list[dict] = field(default_factory=list)
+
+
+def run_training(config) -> TrainResult:
+    """Train with the recipe for the config's model kind (causal or seq2seq)."""
+    if config.model.kind == "seq2seq":
+        from finetune.recipes import seq2seq_lm as recipe
+    else:
+        from finetune.recipes import causal_lm as recipe
+    return recipe.train(config)
