@@ -101,6 +101,7 @@ class ChainlitAnswer:
         self._sent = False
         self._preview: cl.CustomElement | None = None
         self._turn = turn
+        self.elements: list[cl.CustomElement | cl.File] = []  # the preview and the download, once sent
 
     async def show(self, markdown: str, *, final: bool) -> None:
         if final and self._turn is not None and (record := self._turn()) is not None:
@@ -122,13 +123,16 @@ class ChainlitAnswer:
         if self._preview is None:
             self._preview = cl.CustomElement(name="HtmlPreview", props=props, display="inline")
             await self._preview.send(for_id=self.message.id)
+            self.elements.append(self._preview)
         else:
             self._preview.props = props
             self._preview.content = json.dumps(props)  # what a data layer stores
             await self._preview.update()
 
     async def offer_download(self, attachment: dict) -> None:
-        await cl.File(display="inline", **attachment).send(for_id=self.message.id)
+        download = cl.File(display="inline", **attachment)
+        await download.send(for_id=self.message.id)
+        self.elements.append(download)
 
 
 def _state() -> chat_ui.UiState | None:
@@ -275,6 +279,7 @@ async def _export(state: chat_ui.UiState | None) -> None:
         attachments = history.export_attachments(state.chat, preview=state.preview, tasks=tasks)
         files = [cl.File(display="inline", **attachment) for attachment in attachments]
     await cl.Message(content=chat_ui.export_text(count), author="Babl", elements=files).send()
+    await history.store_elements(files)
 
 
 async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> None:
@@ -309,6 +314,7 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
     # Stored before the turn ends (Chainlit's own writes are background tasks): a restart right
     # after the answer loses nothing.
     await history.store_message(view.message.to_dict())
+    await history.store_elements(view.elements)
     await history.save_settings(state)
     if spec.adapter:
         action = cl.Action(

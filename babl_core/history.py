@@ -912,3 +912,16 @@ async def store_message(step_dict: dict) -> bool:
     await layer.update_step(dict(step_dict))
     log.debug("stored step %s in %.3f s", step_dict.get("id"), time.perf_counter() - started)
     return True
+
+
+async def store_elements(elements: Iterable[Any]) -> int:
+    """Write elements (previews, downloads, exports) now and wait for them, like `store_message`:
+    Chainlit stores them in background tasks, which a restart can cut short. Returns how many."""
+    session, layer = _live_session()
+    if session is None:
+        return 0
+    stored = 0
+    for element in elements:
+        await layer.create_element(element)
+        stored += 1
+    return stored

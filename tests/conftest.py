@@ -37,6 +37,13 @@ def _session_env(session_models_dir, tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _chainlit_files_dir():
+    """Chainlit keeps session files in `<repo>/.files/`, and a test server's shutdown removes that
+    whole folder: recreate it so in-process Chainlit sessions work whatever ran before."""
+    (REPO_ROOT / ".files").mkdir(exist_ok=True)
+
+
 @pytest.fixture
 def models_dir(tmp_path, session_models_dir, monkeypatch) -> Path:
     """A per-test models dir (its own adapters/) that shares the session's demo models."""
