@@ -541,14 +541,46 @@ class BablDataLayer(SQLAlchemyDataLayer):
             return
         await super().create_step(step_dict)
 
+    async def _session_may_write(self, thread_id: str | None, what: str) -> bool:
+        """Whether the current session's user may write to `thread_id`: its owner, or anyone while
+        it has no owner yet (a new thread). Chainlit's element routes take the thread id from the
+        browser, so without this check a user could add or remove elements in another user's thread.
+        """
+        from chainlit.context import context
+
+        try:
+            user = context.session.user
+        except Exception:  # no Chainlit session: a call from our own code or a script
+            return True
+        owner = await self.thread_owner(thread_id) if thread_id else None
+        if owner is None or user is None or owner == user.identifier:
+            return True
+        log.error("Refused: %s of thread %s, owned by another user than %s", what, thread_id, user.identifier)
+        return False
+
+    @queue_until_user_message()
+    async def delete_element(self, element_id: str, thread_id: str | None = None) -> None:
+        rows = await self.execute_sql('SELECT "threadId" FROM elements WHERE "id" = :id', {"id": element_id})
+        stored_thread = rows[0]["threadId"] if isinstance(rows, list) and rows else None
+        if not await self._session_may_write(stored_thread, f"deleting element {element_id}"):
+            return
+        await super().delete_element(element_id, thread_id)
+
     @queue_until_user_message()
     async def create_element(self, element) -> None:
         """Store an element's content under `<thread>/<element>/<name>` and its row.
 
-        Replaces Chainlit's version to key files by thread (deleting a thread removes one folder)
-        and to log a failed upload as an error instead of an unretrieved task exception.
+        Replaces Chainlit's version to key files by thread (deleting a thread removes one folder),
+        to refuse writes into another user's thread, and to log a failed upload as an error instead
+        of an unretrieved task exception.
         """
         if not element.for_id or element.thread_id in self._deleted:
+            return
+        if not await self._session_may_write(element.thread_id, f"writing element {element.id}"):
+            return
+        rows = await self.execute_sql('SELECT "threadId" FROM elements WHERE "id" = :id', {"id": element.id})
+        if isinstance(rows, list) and rows and rows[0]["threadId"] not in (None, element.thread_id):
+            log.error("Refused: element %s belongs to another thread than %s", element.id, element.thread_id)
             return
         try:
             if element.path:

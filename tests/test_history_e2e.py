@@ -190,6 +190,9 @@ def test_a_conversation_survives_a_restart_and_resumes_with_its_model_settings_a
     assert download.headers["content-disposition"].startswith("attachment")
     assert download.headers["x-content-type-options"] == "nosniff"
     assert download.text == elements["HtmlPreview"]["props"]["html"]
+    # Whatever type a stored element claims, it is never served as HTML on the app's origin.
+    server.sql('UPDATE elements SET "mime" = \'text/html\' WHERE "id" = :id', id=page["id"])
+    assert http.get(page["url"]).headers["content-type"] == DOWNLOAD_MIME
     assert stored_files and {page["name"], "HtmlPreview"} <= set(stored_files)
 
 
@@ -265,6 +268,37 @@ def test_users_see_and_open_only_their_own_threads(server):
 
     with pytest.raises(socketio.exceptions.ConnectionError):
         asyncio.run(bob_opens_it())
+
+    # Chainlit's element routes take the thread id from the browser: Bob names Alice's thread.
+    preview = next(e for e in thread["elements"] if e["name"] == "HtmlPreview")
+
+    async def bob_tampers() -> None:
+        tab = await Tab(server.url, bob).open()
+        await tab.change_settings(max_new_tokens=8)
+        await tab.send("Bob's own question")
+        planted = {"id": str(uuid.uuid4()), "threadId": thread_id, "type": "custom", "name": "HtmlPreview",
+                   "display": "inline", "forId": preview["forId"], "props": {"srcdoc": "planted"}}  # fmt: skip
+        assert (
+            theirs.client.put(
+                "/project/element", json={"element": planted, "sessionId": tab.session_id}
+            ).status_code
+            == 200
+        )
+        removal = {**preview, "props": {}}
+        response = theirs.client.request(
+            "DELETE", "/project/element", json={"element": removal, "sessionId": tab.session_id}
+        )
+        assert response.status_code == 200
+        await asyncio.sleep(1)  # Chainlit writes elements in background tasks
+        await tab.close()
+
+    asyncio.run(bob_tampers())
+    after = mine.thread(thread_id).json()
+    assert sorted(e["id"] for e in after["elements"]) == sorted(e["id"] for e in thread["elements"])
+    assert {p.name for p in (server.data / "files" / thread_id).iterdir()} == {
+        e["id"] for e in thread["elements"]
+    }
+    assert "Refused: writing element" in server.log() and "Refused: deleting element" in server.log()
 
 
 def test_a_failed_write_is_logged_with_its_cause_and_the_chat_goes_on(server):
