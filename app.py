@@ -1,6 +1,7 @@
 """Babl's Chainlit hooks: UI glue only. What to show and how to react is decided in
 `babl_core.chat_ui`; answers come from the shared `ChatService` (`babl_core.runtime.service()`, the
-same one the API uses); login and the tunnel are `babl_core.auth` and `babl_core.tunnel`.
+same one the API uses); login and the tunnel are `babl_core.auth` and `babl_core.tunnel`; stored
+conversations (resume, export, delete) are `babl_core.history`.
 """
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, tunnel
+from babl_core import auth, chat_ui, history, tunnel
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -47,6 +49,17 @@ else:
         # Loopback (or BABL_ALLOW_ANONYMOUS=1): every visitor is the one local user, so chat
         # history works without a login page.
         return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+
+
+# --- history (DESIGN.md "History") -----------------------------------------------------------------
+# The schema is created or upgraded before serving: an unusable BABL_DB_URL stops the app here, with why.
+history.prepare_database()
+history.register_file_route(chainlit_app)
+
+
+@cl.data_layer
+def history_data_layer() -> history.BablDataLayer:
+    return history.open_data_layer()
 
 
 # --- the tunnel ------------------------------------------------------------------------------------
@@ -83,12 +96,17 @@ class ChainlitAnswer:
     `message.elements` at each text update.
     """
 
-    def __init__(self, author: str) -> None:
+    def __init__(self, author: str, turn: Callable[[], dict | None] | None = None) -> None:
         self.message = cl.Message(content="", author=author)
         self._sent = False
         self._preview: cl.CustomElement | None = None
+        self._turn = turn
+        self.elements: list[cl.CustomElement | cl.File] = []  # the preview and the download, once sent
 
     async def show(self, markdown: str, *, final: bool) -> None:
+        if final and self._turn is not None and (record := self._turn()) is not None:
+            # The turn rides on the final write of this message: a resumed chat is rebuilt from it.
+            self.message.metadata = {**(self.message.metadata or {}), history.TURN_KEY: record}
         if not self._sent:
             self.message.content = markdown
             await self.message.send()
@@ -105,13 +123,16 @@ class ChainlitAnswer:
         if self._preview is None:
             self._preview = cl.CustomElement(name="HtmlPreview", props=props, display="inline")
             await self._preview.send(for_id=self.message.id)
+            self.elements.append(self._preview)
         else:
             self._preview.props = props
             self._preview.content = json.dumps(props)  # what a data layer stores
             await self._preview.update()
 
     async def offer_download(self, attachment: dict) -> None:
-        await cl.File(display="inline", **attachment).send(for_id=self.message.id)
+        download = cl.File(display="inline", **attachment)
+        await download.send(for_id=self.message.id)
+        self.elements.append(download)
 
 
 def _state() -> chat_ui.UiState | None:
@@ -130,6 +151,7 @@ async def _send_settings(state: chat_ui.UiState, choices: list[chat_ui.ModelChoi
         widgets.append(WIDGETS[kind](**spec))
     await cl.ChatSettings(widgets).send()
     state.listing = chat_ui.listing_key(choices)
+    await history.save_settings(state)  # a restart keeps the model and settings in effect
 
 
 async def _new_state(choices: list[chat_ui.ModelChoice]) -> chat_ui.UiState | None:
@@ -180,6 +202,23 @@ async def start_chat() -> None:
     await cl.Message(content=chat_ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
 
 
+@cl.on_chat_resume
+async def resume_chat(thread: dict) -> None:
+    # Chainlit shows the stored messages; the session gets back its conversation, model and settings.
+    await cl.context.emitter.set_commands(chat_ui.COMMANDS)
+    choices = await _listing()
+    default = await asyncio.to_thread(service().catalog.default_model)
+    state, notes = history.resumed_state(thread, choices, chat_ui.default_choice(choices, default))
+    if state is None:
+        await _error("\n\n".join(notes))
+        return
+    cl.user_session.set(STATE, state)
+    # Re-sent with the stored values: the widgets' initial values become the session's settings.
+    await _send_settings(state, choices)
+    if notes:
+        await cl.Message(content="\n\n".join(notes), author="Babl").send()
+
+
 @cl.on_settings_update
 async def update_settings(values: dict) -> None:
     state = _state()
@@ -217,6 +256,9 @@ async def answer(message: cl.Message) -> None:
             content=chat_ui.status_markdown(status, svc.active_generations), author="Babl"
         ).send()
         return
+    if chat_ui.is_command(chat_ui.EXPORT_COMMAND, message.command, message.content):
+        await _export(_state())
+        return
     choices = await _listing()
     state = _state() or await _new_state(choices)
     if state is None:
@@ -226,10 +268,21 @@ async def answer(message: cl.Message) -> None:
         await _send_settings(state, choices)  # a new adapter or model: shown at the next message
     state.begin_turn(message.id)  # an edited message rewinds the conversation to before it
     stop_event = state.new_stop_event()
-    await chat_ui.finish_even_if_cancelled(_answer_turn(state, message.content), stop_event.set)
+    await chat_ui.finish_even_if_cancelled(_answer_turn(state, message.content, message.id), stop_event.set)
 
 
-async def _answer_turn(state: chat_ui.UiState, text: str) -> None:
+async def _export(state: chat_ui.UiState | None) -> None:
+    count = len(state.chat.messages) if state else 0
+    files = []
+    if state and count:
+        tasks = history.model_tasks(await asyncio.to_thread(service().catalog.list))
+        attachments = history.export_attachments(state.chat, preview=state.preview, tasks=tasks)
+        files = [cl.File(display="inline", **attachment) for attachment in attachments]
+    await cl.Message(content=chat_ui.export_text(count), author="Babl", elements=files).send()
+    await history.store_elements(files)
+
+
+async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> None:
     svc = service()
     try:
         svc.check_message(text)  # before any load: an empty or huge message fails at once
@@ -248,7 +301,9 @@ async def _answer_turn(state: chat_ui.UiState, text: str) -> None:
         await _error(chat_ui.error_text(exc))
         return
     await _remove_compare_button(state)
-    view = ChainlitAnswer(author=reply.model_id)
+    view = ChainlitAnswer(
+        author=reply.model_id, turn=lambda: history.turn_record(state.chat, reply, question_id=message_id)
+    )
     try:
         await chat_ui.stream_answer(
             reply, view, task=spec.task, preview=state.preview, preview_id=view.message.id
@@ -256,6 +311,11 @@ async def _answer_turn(state: chat_ui.UiState, text: str) -> None:
     except chat_ui.USER_ERRORS as exc:
         await _error(chat_ui.error_text(exc))
         return
+    # Stored before the turn ends (Chainlit's own writes are background tasks): a restart right
+    # after the answer loses nothing.
+    await history.store_message(view.message.to_dict())
+    await history.store_elements(view.elements)
+    await history.save_settings(state)
     if spec.adapter:
         action = cl.Action(
             name=COMPARE,

@@ -49,6 +49,7 @@ DEFAULT_HOST = "127.0.0.1"  # Chainlit's defaults (chainlit.config.DEFAULT_HOST/
 DEFAULT_PORT = 8000
 
 STATUS_COMMAND = "status"
+EXPORT_COMMAND = "export"
 COMMANDS = [
     {
         "id": STATUS_COMMAND,
@@ -56,7 +57,14 @@ COMMANDS = [
         "description": "Loaded models, memory and running answers",
         "button": False,
         "persistent": False,
-    }
+    },
+    {
+        "id": EXPORT_COMMAND,
+        "icon": "download",
+        "description": "Download this conversation as Markdown and JSON",
+        "button": False,
+        "persistent": False,
+    },
 ]
 
 TASK_HINTS = {
@@ -448,7 +456,8 @@ def welcome_text(choice: ModelChoice | None, choices: list[ModelChoice], *, publ
         "",
         "Open the settings (the gear icon in the message box) to switch models — the conversation "
         "is kept — or to change sampling, the system prompt and the HTML preview. "
-        "Type `/status` to see loaded models and running answers.",
+        "Type `/status` to see loaded models and running answers, `/export` to download this "
+        "conversation. Past chats are in the sidebar.",
     ]
     if spec.demo:
         lines += [
@@ -532,9 +541,24 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def is_command(name: str, command: str | None, text: str) -> bool:
+    """Command `name` (`status`, `export`): picked from Chainlit's command menu, or typed as `/name`."""
+    return command == name or text.strip().lower() == f"/{name}"
+
+
 def is_status_command(command: str | None, text: str) -> bool:
     """The `/status` command: picked from Chainlit's command menu, or typed as text."""
-    return command == STATUS_COMMAND or text.strip().lower() == f"/{STATUS_COMMAND}"
+    return is_command(STATUS_COMMAND, command, text)
+
+
+def export_text(message_count: int) -> str:
+    """The message that carries the `/export` downloads (or says there is nothing yet)."""
+    if not message_count:
+        return "Nothing to export yet: ask something first, then type `/export`."
+    return (
+        f"This conversation ({message_count} messages) as Markdown and as JSON. Both are also kept with "
+        "the chat, so they are here when you come back to it."
+    )
 
 
 # --------------------------------------------------------------------------------------------------

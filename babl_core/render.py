@@ -458,13 +458,13 @@ def document_title(html: str) -> str | None:
     return title[:120] or None
 
 
-def download_name(title: str) -> str:
-    """A safe file name for the downloaded page: the title as an ASCII slug, `.html` appended
+def download_name(title: str, suffix: str = ".html") -> str:
+    """A safe file name for a download: the title as an ASCII slug, `suffix` appended
     ("My Landing Page!" -> "my-landing-page.html"; empty -> "preview.html")."""
     title = re.sub(r"\.html?\s*$", "", title.strip(), flags=re.IGNORECASE)
     ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode("ascii")
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_title.lower()).strip("-")[:60].strip("-")
-    return f"{slug or 'preview'}.html"
+    return f"{slug or 'preview'}{suffix}"
 
 
 def download_mime() -> str:

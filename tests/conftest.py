@@ -37,6 +37,13 @@ def _session_env(session_models_dir, tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _chainlit_files_dir():
+    """Chainlit keeps session files in `<repo>/.files/`, and a test server's shutdown removes that
+    whole folder: recreate it so in-process Chainlit sessions work whatever ran before."""
+    (REPO_ROOT / ".files").mkdir(exist_ok=True)
+
+
 @pytest.fixture
 def models_dir(tmp_path, session_models_dir, monkeypatch) -> Path:
     """A per-test models dir (its own adapters/) that shares the session's demo models."""
@@ -106,3 +113,104 @@ def chromium_or_skip() -> str:
     if os.environ.get("BABL_CI_STRICT") == "1":
         pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
     pytest.skip(message)
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip with `message`, or fail when BABL_CI_STRICT=1 (CI must not skip a missing dependency)."""
+    if os.environ.get("BABL_CI_STRICT") == "1":
+        pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
+    pytest.skip(message)
+
+
+def _postgres_bin() -> Path | None:
+    """The folder with Debian's PostgreSQL server programs (initdb, pg_ctl), newest version first."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "initdb").exists() and (folder / "pg_ctl").exists():
+            return folder
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb and shutil.which("pg_ctl") else None
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (trust auth for the `postgres` role)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; returns its SQLAlchemy URL."""
+        import asyncio
+
+        import asyncpg
+
+        async def create() -> None:
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=self.port, user="postgres", database="postgres"
+            )
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL, started once per test session in a temp data dir, on 127.0.0.1 only.
+
+    PostgreSQL refuses to run as root: as root, initdb and pg_ctl run as the `postgres` user
+    (`runuser`), in a folder under /tmp that user owns (pytest's own temp folders are root-only).
+    Missing: skipped with the install command, or a failure with BABL_CI_STRICT=1.
+    """
+    import socket
+    import subprocess
+    import tempfile
+
+    folder = _postgres_bin()
+    if folder is None:
+        skip_or_fail(
+            "PostgreSQL is missing: apt-get install -y postgresql (the tests start their own server)"
+        )
+    prefix: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="babl-pg-"))
+    if os.geteuid() == 0:
+        if not shutil.which("runuser"):
+            skip_or_fail("runuser is missing: PostgreSQL cannot be started as root without it")
+        shutil.chown(root, user="postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"  # test data: speed over safety
+    )
+    try:
+        subprocess.run(
+            [*prefix, str(folder / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+             "--no-sync"],
+            check=True, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [*prefix, str(folder / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+             "-o", options, "start"],
+            check=True, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"PostgreSQL did not start: {exc.stderr or exc.stdout}\n{log[-2000:]}")
+    try:
+        yield PostgresServer(port)
+    finally:
+        subprocess.run(
+            [*prefix, str(folder / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)

@@ -573,3 +573,96 @@ def test_tunnel_url_is_printed_and_shown_to_users(app_module, svc, monkeypatch, 
     finally:
         run(app_module.close_public_tunnel())
     assert tunnel.tunnel_url() is None
+
+
+# --- history hooks (the stored flows against a real server: tests/test_history_e2e.py) ---------
+
+
+def test_each_answer_carries_its_turn_record(app_module, svc):
+    from babl_core import history
+
+    async def go():
+        tab = await started(app_module)
+        question = await tab.send(app_module, "a page about tea")
+        return tab, question
+
+    tab, question = run(go())
+    record = tab.last_answer()["metadata"][history.TURN_KEY]
+    answer = state_of(tab).chat.messages[-1]
+    assert record["question"] == "a page about tea" and record["question_id"] == question.id
+    assert record["answer"] == answer["content"] and record["model"] == "demo-html"
+
+
+def test_resume_restores_the_conversation_model_and_settings(app_module, svc, recorder):
+    from babl_core import history
+
+    def turn(question_id, question, answer, model):
+        record = {"question_id": question_id, "question": question, "answer": answer, "model": model}
+        return {"id": uuid.uuid4().hex, "type": "assistant_message", "metadata": {history.TURN_KEY: record}}
+
+    thread = {
+        "id": "thread-1",
+        "metadata": {
+            history.SESSION_KEY: {
+                "model": "demo-python",
+                "temperature": 0.4,
+                "top_p": 0.9,
+                "max_new_tokens": 32,
+                "system_prompt": "",
+                "html_preview": False,
+            }
+        },
+        "steps": [
+            turn("q1", "first stored question", "first stored answer", "demo-html"),
+            turn("q2", "second stored question", "second stored answer", "demo-python"),
+        ],
+    }
+
+    async def go():
+        tab = FakeBrowser()
+        tab.enter()
+        await app_module.resume_chat(thread)
+        await tab.send(app_module, "a new question")
+        return tab
+
+    tab = run(go())
+    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-python"
+    assert (
+        tab.widget(chat_ui.TEMPERATURE)["initial"] == 0.4
+        and tab.widget(chat_ui.HTML_PREVIEW)["initial"] is False
+    )
+    assert any(event == "set_commands" for event, _ in tab.events)
+    session = state_of(tab).chat
+    assert [m["content"] for m in session.messages[:4]] == [
+        "first stored question", "first stored answer", "second stored question", "second stored answer",
+    ]  # fmt: skip
+    assert session.messages[-1]["model"] == "demo-python" and len(session.messages) == 6
+    prompt = recorder.prompts[-1]
+    assert (
+        prompt.index("first stored answer")
+        < prompt.index("second stored question")
+        < prompt.index("a new question")
+    )
+    assert not [s for s in tab.answers() if "cannot be used" in s["output"]]  # no fallback note
+
+
+def test_export_command_offers_markdown_and_json_downloads(app_module, svc):
+    async def go():
+        tab = await started(app_module)
+        await tab.send(app_module, "", command="export")
+        await tab.send(app_module, "a page about tea")
+        await tab.send(app_module, "/export")
+        return tab
+
+    tab = run(go())
+    notes = [s["output"] for s in tab.answers() if s["name"] == "Babl"]
+    assert any("Nothing to export yet" in note for note in notes)
+    files = [e for e in tab.elements(tab.last_answer()["id"]) if e["type"] == "file"]
+    assert sorted(f["name"] for f in files) == ["babl-a-page-about-tea.json", "babl-a-page-about-tea.md"]
+    assert {f["mime"] for f in files} == {DOWNLOAD_MIME}
+    content = {f["name"]: Path(tab.session.files[f["chainlitKey"]]["path"]).read_text() for f in files}
+    exported = json.loads(content["babl-a-page-about-tea.json"])
+    markdown = content["babl-a-page-about-tea.md"]
+    assert exported["messages"] == state_of(tab).chat.messages
+    assert "### You\n\na page about tea" in markdown
+    assert len(state_of(tab).chat.messages) == 2  # /export is not a turn

@@ -1,0 +1,433 @@
+"""babl_core.history in-process: the schema (created, idempotent, upgraded), the data layer against
+SQLite and a real PostgreSQL (every column Chainlit 2.12 writes, JSON read back as objects, failed
+writes logged as errors, deletion with files), the local storage, and the pure parts (turn records,
+resume, export). The server flows (restart, resume, other users) are in test_history_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from babl_core import chat_ui, history
+from babl_core.cache import ModelCache
+from babl_core.catalog import Catalog
+from babl_core.chat import ChatService, ChatSession
+from babl_core.render import DOWNLOAD_MIME
+from tests.conftest import REPO_ROOT
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> str:
+    """An empty database of each kind (PostgreSQL: a fresh database on the session's server)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database(f"babl_{uuid.uuid4().hex[:12]}")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def columns_of(url: str) -> dict[str, set[str]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+
+            def read(sync) -> dict[str, set[str]]:
+                found = inspect(sync)
+                return {t: {c["name"] for c in found.get_columns(t)} for t in found.get_table_names()}
+
+            return await conn.run_sync(read)
+    finally:
+        await engine.dispose()
+
+
+async def execute(url: str, *statements: str) -> list:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            rows = []
+            for statement in statements:
+                result = await conn.execute(text(statement))
+                rows = [tuple(row) for row in result.fetchall()] if result.returns_rows else []
+            return rows
+    finally:
+        await engine.dispose()
+
+
+def chainlit_context(thread_id: str):
+    """An HTTP-session Chainlit context (data-layer writes run at once, not queued)."""
+    from chainlit.context import ChainlitContext, context_var
+    from chainlit.session import HTTPSession
+
+    context_var.set(
+        ChainlitContext(HTTPSession(id=str(uuid.uuid4()), thread_id=thread_id, client_type="webapp"))
+    )
+
+
+async def a_thread(layer: history.BablDataLayer, user: str = "alice") -> tuple[str, dict]:
+    """A thread of `user` holding a user message, a tool step, an answer and a preview element, written
+    through Chainlit's own objects (so every column Chainlit 2.12 writes is exercised)."""
+    import chainlit as cl
+    from chainlit.user import User
+
+    thread_id = str(uuid.uuid4())
+    chainlit_context(thread_id)
+    persisted = await layer.create_user(User(identifier=user, metadata={"login": "password"}))
+    await layer.update_thread(thread_id, name="first question", user_id=persisted.id, tags=["babl"])
+    question = cl.Message(content="first question", type="user_message", author=user, command="status")
+    question.modes = {"tone": "short"}
+    await layer.create_step(question.to_dict())
+    tool = cl.Step(name="loader for demo-html", type="tool", default_open=True, auto_collapse=True)
+    tool.output = "float32 on cpu"
+    await layer.create_step(tool.to_dict())
+    answer = cl.Message(content="**answer**", author="demo-html", metadata={"babl_turn": {"answer": "raw"}})
+    await layer.create_step(answer.to_dict())
+    preview = cl.CustomElement(
+        name="HtmlPreview", props={"srcdoc": "<p>hi</p>", "final": True}, display="inline"
+    )
+    preview.for_id = answer.id
+    await layer.create_element(preview)
+    page = cl.File(name="page.html", content=b"<p>hi</p>", mime=DOWNLOAD_MIME, display="inline")
+    page.for_id = answer.id
+    await layer.create_element(page)
+    return thread_id, {"answer": answer.id, "preview": preview.id, "page": page.id}
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+
+
+def test_schema_is_created_complete_and_a_second_start_changes_nothing(db):
+    assert history.prepare_database(db) == []
+    found = run(columns_of(db))
+    for table, columns in history.TABLES.items():
+        assert found[table] == {c.name for c in columns}, table
+    # The step columns Chainlit 2.12 writes beyond its documented schema.
+    assert {"autoCollapse", "defaultOpen", "command", "modes"} <= found["steps"]
+    assert history.prepare_database(db) == []
+    assert run(columns_of(db)) == found
+
+
+def test_an_older_schema_gets_the_missing_columns_and_keeps_its_rows(db):
+    # Chainlit's documented schema of older releases: no command/modes/defaultOpen/autoCollapse on
+    # steps, no autoPlay/playerConfig on elements.
+    run(
+        execute(
+            db,
+            'CREATE TABLE users ("id" TEXT PRIMARY KEY, "identifier" TEXT NOT NULL UNIQUE, '
+            '"metadata" TEXT, "createdAt" TEXT)',
+            'CREATE TABLE threads ("id" TEXT PRIMARY KEY, "createdAt" TEXT, "name" TEXT, "userId" TEXT, '
+            '"userIdentifier" TEXT, "tags" TEXT, "metadata" TEXT)',
+            'CREATE TABLE steps ("id" TEXT PRIMARY KEY, "name" TEXT NOT NULL, "type" TEXT NOT NULL, '
+            '"threadId" TEXT NOT NULL, "parentId" TEXT, "streaming" BOOLEAN NOT NULL, "waitForAnswer" BOOLEAN, '
+            '"isError" BOOLEAN, "metadata" TEXT, "tags" TEXT, "input" TEXT, "output" TEXT, "createdAt" TEXT, '
+            '"start" TEXT, "end" TEXT, "generation" TEXT, "showInput" TEXT, "language" TEXT, "indent" INT)',
+            'CREATE TABLE elements ("id" TEXT PRIMARY KEY, "threadId" TEXT, "type" TEXT, "url" TEXT, '
+            '"chainlitKey" TEXT, "name" TEXT NOT NULL, "display" TEXT, "objectKey" TEXT, "size" TEXT, '
+            '"page" INT, "language" TEXT, "forId" TEXT, "mime" TEXT, "props" TEXT)',
+            "INSERT INTO threads (\"id\", \"name\") VALUES ('t-old', 'kept')",
+            'INSERT INTO steps ("id", "name", "type", "threadId", "streaming", "output") '
+            "VALUES ('s-old', 'demo-html', 'assistant_message', 't-old', false, 'an old answer')",
+        )
+    )
+    added = history.prepare_database(db)
+    assert set(added) == {
+        "steps.command", "steps.modes", "steps.defaultOpen", "steps.autoCollapse",
+        "elements.autoPlay", "elements.playerConfig",
+    }  # fmt: skip
+    found = run(columns_of(db))
+    assert {"command", "modes", "defaultOpen", "autoCollapse"} <= found["steps"]
+    assert "feedbacks" in found  # a missing table is created
+    assert run(execute(db, 'SELECT "output" FROM steps WHERE "id" = \'s-old\'')) == [("an old answer",)]
+    assert history.prepare_database(db) == []
+
+
+def test_bad_urls_and_unreachable_servers_stop_the_start_with_the_fix(monkeypatch, tmp_path):
+    with pytest.raises(history.HistoryUnavailable) as wrong_driver:
+        history.prepare_database("postgresql://babl:s3cret@127.0.0.1/babl")
+    assert "postgresql+asyncpg://babl:***@127.0.0.1/babl" in str(wrong_driver.value)
+    assert "s3cret" not in str(wrong_driver.value)
+    with pytest.raises(history.HistoryUnavailable, match="'mysql' is not supported"):
+        history.prepare_database("mysql+aiomysql://u@h/db")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(history.HistoryUnavailable) as down:
+        history.prepare_database(f"postgresql+asyncpg://babl:s3cret@127.0.0.1:{port}/babl")
+    message = str(down.value)
+    assert "BABL_DB_URL" in message and "cannot be used" in message and "s3cret" not in message
+
+    monkeypatch.delenv("BABL_DB_URL", raising=False)
+    monkeypatch.setenv("BABL_DATA_DIR", str(tmp_path / "state"))
+    assert history.db_url() == f"sqlite+aiosqlite:///{tmp_path / 'state' / 'babl.db'}"
+    assert history.prepare_database() == []
+    assert (tmp_path / "state" / "babl.db").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The data layer
+
+
+def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp_path):
+    history.prepare_database(db)
+
+    async def go():
+        layer = history.open_data_layer(db, tmp_path / "files")
+        try:
+            thread_id, ids = await a_thread(layer)
+            await layer.update_thread(thread_id, metadata={history.SESSION_KEY: {"model": "demo-html"}})
+            return thread_id, ids, await layer.get_thread(thread_id), list(layer.failures)
+        finally:
+            await layer.close()
+
+    thread_id, ids, thread, failures = run(go())
+    assert failures == []  # no write failed: every column written exists with a fitting type
+    assert thread["userIdentifier"] == "alice" and thread["name"] == "first question"
+    assert thread["metadata"][history.SESSION_KEY] == {"model": "demo-html"}
+    assert thread["tags"] == ["babl"]
+    answer = next(s for s in thread["steps"] if s["id"] == ids["answer"])
+    assert answer["metadata"] == {"babl_turn": {"answer": "raw"}} and answer["output"] == "**answer**"
+    assert sorted(s["type"] for s in thread["steps"]) == ["assistant_message", "tool", "user_message"]
+    preview = next(e for e in thread["elements"] if e["id"] == ids["preview"])
+    assert preview["props"] == {"srcdoc": "<p>hi</p>", "final": True}  # an object, as the UI needs
+    page = next(e for e in thread["elements"] if e["id"] == ids["page"])
+    assert page["url"] == f"{history.FILES_ROUTE}/{thread_id}/{ids['page']}/page.html"
+    assert (tmp_path / "files" / thread_id / ids["page"] / "page.html").read_bytes() == b"<p>hi</p>"
+
+
+def test_a_failed_write_is_an_error_in_the_log_with_its_cause(db, tmp_path, caplog):
+    history.prepare_database(db)
+
+    async def go():
+        import chainlit as cl
+
+        layer = history.open_data_layer(db, tmp_path / "files")
+        try:
+            thread_id, _ = await a_thread(layer)
+            await execute(db, 'ALTER TABLE steps RENAME TO "steps_elsewhere"')
+            chainlit_context(thread_id)
+            await layer.create_step(cl.Message(content="lost", author="demo-html").to_dict())  # no exception
+            return list(layer.failures)
+        finally:
+            await layer.close()
+
+    with caplog.at_level(logging.ERROR, logger="babl.history"):
+        failures = run(go())
+    errors = [r for r in caplog.records if r.name == "babl.history" and r.levelno == logging.ERROR]
+    assert errors, caplog.text
+    message = errors[-1].getMessage()
+    assert "INSERT steps failed" in message
+    assert "no such table: steps" in message or 'relation "steps" does not exist' in message
+    assert "The chat goes on" in message and failures and "INSERT steps" in failures[-1]
+
+
+def test_deleting_a_thread_removes_its_rows_and_its_files(db, tmp_path):
+    history.prepare_database(db)
+    files = tmp_path / "files"
+
+    async def go():
+        layer = history.open_data_layer(db, files)
+        try:
+            doomed, _ = await a_thread(layer)
+            kept, _ = await a_thread(layer, user="bob")
+            (files / doomed / "orphan").mkdir()  # a file whose row was never written
+            (files / doomed / "orphan" / "x.bin").write_bytes(b"x")
+            await layer.delete_thread(doomed)
+            # An open tab persists its session when it disconnects: the thread must stay gone.
+            await layer.update_thread(doomed, metadata={"chat_settings": {"model": "demo-html"}})
+            counts = {
+                table: (await layer.execute_sql(f'SELECT COUNT(*) AS n FROM {table} WHERE "threadId" = :t', {"t": doomed}))[0]["n"]
+                for table in ("steps", "elements")
+            }  # fmt: skip
+            rows = await layer.execute_sql('SELECT "id" FROM threads WHERE "id" = :t', {"t": doomed})
+            author = await layer.get_thread_author(doomed)
+            kept_thread = await layer.get_thread(kept)
+            return doomed, kept, counts, rows, author, kept_thread
+        finally:
+            await layer.close()
+
+    doomed, kept, counts, rows, author, kept_thread = run(go())
+    assert counts == {"steps": 0, "elements": 0} and rows == []
+    assert author == ""  # Chainlit's routes answer 404 for it
+    assert not (files / doomed).exists()
+    assert (files / kept).is_dir() and len(kept_thread["elements"]) == 2
+
+
+def test_storage_keys_stay_inside_the_files_folder(tmp_path):
+    storage = history.LocalFileStorage(tmp_path / "files")
+    for key in ("../x", "a/../../b", "/etc/passwd", "a//b", "a/./b", "", "a/b\\c", "a/..."):
+        with pytest.raises(ValueError):
+            storage.path_for(key)
+    assert history.safe_file_name("../../etc/passwd") == "etc_passwd"
+    assert history.safe_file_name("..") == "file"
+
+    async def go():
+        stored = await storage.upload_file("t1/e1/page.html", "<p>x</p>", mime="text/html")
+        assert stored == {"object_key": "t1/e1/page.html", "url": "/babl/files/t1/e1/page.html"}
+        assert (tmp_path / "files" / "t1" / "e1" / "page.html").read_text() == "<p>x</p>"
+        assert await storage.delete_file("t1/e1/page.html") is True
+        assert await storage.delete_file("t1/e1/page.html") is False
+
+    run(go())
+    assert not (tmp_path / "files" / "t1").exists()  # empty folders pruned
+
+
+# --------------------------------------------------------------------------------------------------
+# Turns, resume and export (plain data)
+
+
+def _turn_step(question_id: str, question: str, answer: str, model: str, *, stopped: bool = False) -> dict:
+    record = {
+        "question_id": question_id,
+        "question": question,
+        "answer": answer,
+        "model": model,
+        "stopped": stopped,
+    }
+    # As SQLite hands it back: metadata as a JSON string.
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "assistant_message",
+        "metadata": json.dumps({history.TURN_KEY: record}),
+    }
+
+
+def _choices():
+    return chat_ui.model_choices(Catalog.load(REPO_ROOT / "configs" / "models.yaml").list())
+
+
+def test_a_resumed_state_has_the_stored_messages_model_and_settings(models_dir):
+    choices = _choices()
+    thread = {
+        "id": "thread-1",
+        "metadata": json.dumps(
+            {
+                history.SESSION_KEY: {
+                    "model": "demo-python",
+                    "temperature": 0.3,
+                    "top_p": 0.9,
+                    "max_new_tokens": 64,
+                    "system_prompt": "Be brief.",
+                    "html_preview": False,
+                }
+            }
+        ),
+        "steps": [
+            {"id": "w", "type": "assistant_message", "metadata": "{}", "output": "Welcome"},
+            _turn_step("q1", "a page", "<p>page</p>", "demo-html"),
+            {"id": "s", "type": "assistant_message", "metadata": {}, "output": "Now answering with ..."},
+            _turn_step("q2", "def add(a, b):", "return a + b", "demo-python", stopped=True),
+        ],
+    }
+    state, notes = history.resumed_state(thread, choices, chat_ui.find_choice(choices, "demo-html"))
+    assert notes == []
+    assert state.chat.model_id == "demo-python" and state.chat.id == "thread-1"
+    assert state.chat.settings == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 64}
+    assert state.chat.system_prompt == "Be brief." and state.preview is False
+    assert state.chat.messages == [
+        {"role": "user", "content": "a page"},
+        {"role": "assistant", "content": "<p>page</p>", "model": "demo-html", "stopped": False},
+        {"role": "user", "content": "def add(a, b):"},
+        {"role": "assistant", "content": "return a + b", "model": "demo-python", "stopped": True},
+    ]
+    assert state.marks == {"q1": 0, "q2": 2}
+    # An edit of the first question after the resume rewinds to before it, as in a live chat.
+    assert state.begin_turn("q1") is True and state.chat.messages == []
+
+
+def test_a_stored_model_that_is_gone_falls_back_with_a_note(models_dir):
+    choices = _choices()
+    default = chat_ui.find_choice(choices, "demo-html")
+    thread = {
+        "metadata": {"chat_settings": {"model": "retired-model", "max_new_tokens": "lots"}},
+        "steps": [_turn_step("q1", "hello", "hi", "retired-model")],
+    }
+    state, notes = history.resumed_state(thread, choices, default)
+    assert state.chat.model_id == "demo-html"
+    assert "`retired-model`" in notes[0] and "not in the catalog" in notes[0] and "kept" in notes[0]
+    assert any("Max new tokens 'lots' is not valid" in note for note in notes)
+    assert state.chat.settings["max_new_tokens"] == 200  # demo-html's default
+    assert state.chat.messages[1]["model"] == "retired-model"  # who wrote it stays recorded
+    # Needs training here: refused with its availability word.
+    state, notes = history.resumed_state(
+        {"metadata": {history.SESSION_KEY: {"model": "email-t5"}}}, choices, default
+    )
+    assert state.chat.model_id == "demo-html" and "needs-training" in notes[0]
+    assert history.resumed_state({}, choices, None)[0] is None
+
+
+def test_turn_records_hold_the_raw_answer_the_model_and_optionally_the_prompt(models_dir, monkeypatch):
+    service = ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), ModelCache())
+    chat = ChatSession(model_id="demo-python", settings={"max_new_tokens": 8})
+
+    async def answer(text: str):
+        reply = service.respond(chat, text)
+        async for _ in reply:
+            pass
+        return reply
+
+    reply = run(answer("def add(a, b):"))
+    record = history.turn_record(chat, reply, question_id="q1")
+    assert record["question"] == "def add(a, b):" and record["question_id"] == "q1"
+    assert record["answer"] == reply.text and record["model"] == "demo-python" and record["stopped"] is False
+    assert "prompt" not in record
+    monkeypatch.setenv("BABL_RECORD_PROMPTS", "1")
+    second = run(answer("and subtract"))
+    record = history.turn_record(chat, second, question_id="q2")
+    assert "def add(a, b):" in record["prompt"] and reply.text in record["prompt"]  # the history went in
+    stateless = service.complete("demo-python", [{"role": "user", "content": "x"}], max_new_tokens=2)
+    run(_drain(stateless))
+    assert history.turn_record(chat, stateless, question_id="q3") is None  # not part of the chat
+
+
+async def _drain(reply) -> None:
+    async for _ in reply:
+        pass
+
+
+def test_export_markdown_and_json():
+    chat = ChatSession(
+        model_id="demo-html",
+        settings={"temperature": 0.0, "max_new_tokens": 200},
+        system_prompt="Be brief.",
+        messages=[
+            {"role": "user", "content": "Write add\nin Python"},
+            {
+                "role": "assistant",
+                "content": "def add(a, b):\n    return a + b",
+                "model": "demo-python",
+                "stopped": False,
+            },
+            {"role": "user", "content": "A landing page"},
+            {"role": "assistant", "content": "<p>x</p>", "model": "demo-html", "stopped": True},
+        ],
+    )
+    markdown = history.export_markdown(
+        chat, tasks={"demo-python": "python"}, exported_at="2026-11-23T10:00:00Z"
+    )
+    assert markdown.startswith("# Write add\n\n*Exported from Babl 2026-11-23T10:00:00Z · model `demo-html`")
+    assert "**System prompt:** Be brief." in markdown
+    assert "### You\n\nWrite add\nin Python" in markdown
+    assert "### `demo-python`\n\n```python\ndef add(a, b):\n    return a + b\n```" in markdown
+    assert "### `demo-html`\n\n<p>x</p>\n\n*(stopped)*" in markdown  # unknown task: the raw text
+    document = json.loads(history.export_json(chat, preview=True, exported_at="2026-11-23T10:00:00Z"))
+    assert document["format"] == "babl-conversation" and document["model"] == "demo-html"
+    assert document["messages"] == chat.messages and document["html_preview"] is True
+    files = history.export_attachments(chat)
+    assert [f["name"] for f in files] == ["babl-write-add.md", "babl-write-add.json"]
+    assert {f["mime"] for f in files} == {DOWNLOAD_MIME}
+    assert json.loads(files[1]["content"])["messages"] == chat.messages
