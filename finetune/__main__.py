@@ -32,17 +32,27 @@ def _err(message: str) -> None:
     print(f"finetune: {message}", file=sys.stderr)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (tests and tools swap it), not the one seen at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     from finetune.outputs import is_main_process
 
     logger = logging.getLogger("finetune")
-    if not any(getattr(h, "_finetune", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("finetune: %(message)s"))
-        handler._finetune = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    logger.propagate = False
 
 
 # --------------------------------------------------------------------------------------------------
