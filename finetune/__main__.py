@@ -179,8 +179,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             choices = f.metadata.get("choices")
             if choices:
                 help_text += f" [{' | '.join(choices)}]"
-            if not f.metadata.get("required"):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default not in (None, {}) and "default:" not in help_text:
                 help_text += f" (default: {default})"
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
             is_bool = "bool" in str(hint)

@@ -109,6 +109,7 @@ def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bo
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,  # every LoRA (or, full: every) weight takes part in each step
         **extra,
     )
     if train.optim:
