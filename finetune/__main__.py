@@ -248,4 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Set before torch loads OpenMP (the commands import it later). Waiting OpenMP threads spin by
+    # default and, on a machine shared with other processes, steal the cores the working threads need:
+    # the demo-html twin took 79-143 s on a busy 2-core box by default and 21 s with PASSIVE (same
+    # losses). setdefault: an OMP_WAIT_POLICY in the environment still wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main())
