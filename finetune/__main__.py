@@ -32,17 +32,27 @@ def _err(message: str) -> None:
     print(f"finetune: {message}", file=sys.stderr)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (tests and tools swap it), not the one seen at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     from finetune.outputs import is_main_process
 
     logger = logging.getLogger("finetune")
-    if not any(getattr(h, "_finetune", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("finetune: %(message)s"))
-        handler._finetune = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    logger.propagate = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,8 +179,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             choices = f.metadata.get("choices")
             if choices:
                 help_text += f" [{' | '.join(choices)}]"
-            if not f.metadata.get("required"):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default not in (None, {}) and "default:" not in help_text:
                 help_text += f" (default: {default})"
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
             is_bool = "bool" in str(hint)
@@ -238,4 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Set before torch loads OpenMP (the commands import it later). Waiting OpenMP threads spin by
+    # default and, on a machine shared with other processes, steal the cores the working threads need:
+    # the demo-html twin took 79-143 s on a busy 2-core box by default and 21 s with PASSIVE (same
+    # losses). setdefault: an OMP_WAIT_POLICY in the environment still wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main())

@@ -568,6 +568,11 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
             problems.append(f"dataset: {settings.portable_path(path)} does not exist; fix the path")
         elif path.is_file() and path.suffix.lower() not in LOCAL_DATA_SUFFIXES:
             problems.append(f"dataset: {path.name} is not .jsonl, .json, .csv or .parquet; convert it")
+        if config.data.dataset_split != "train" or config.data.dataset_config:
+            problems.append(
+                "dataset_split/dataset_config: a local file is one split with no configurations; remove them "
+                "(eval rows are cut from the file by eval_fraction)"
+            )
     elif is_offline() and not _hub_dataset_cached(dataset):
         problems.append(
             f"dataset: {dataset!r} is a hub data set, but the hub is offline and it is not cached; use a local "

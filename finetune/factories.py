@@ -109,6 +109,7 @@ def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bo
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,  # every LoRA (or, full: every) weight takes part in each step
         **extra,
     )
     if train.optim:
@@ -144,3 +145,19 @@ def quiet_training_noise() -> None:
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the count.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a Linear4bit's weight the first time it runs
+    in eval mode without gradients (the Trainer's evaluation does exactly that). The repacked layout is
+    served by `gemv_4bit`, which has no autograd kernel: every later training step would silently lose
+    the gradient through the frozen base, so LoRA layers below it stop learning correctly.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

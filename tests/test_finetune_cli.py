@@ -127,12 +127,12 @@ def test_dry_run_shows_the_masked_prompt_and_lengths(capsys, models_dir):
     assert "token lengths, prompt + answer + EOS (max_length) (32 examples, limit 512)" in out
     assert "median" in out and "over the limit (cut):" in out
     # Nothing was written.
-    assert not (models_dir / "adapters" / "demo-html-lora").exists()
+    assert not (models_dir / "adapters" / "demo-html-qlora").exists()
     assert not (models_dir / "checkpoints").exists()
 
 
 def test_dry_run_ignores_output_clashes_but_training_does_not(capsys, models_dir):
-    (models_dir / "adapters" / "demo-html-lora").mkdir()
+    (models_dir / "adapters" / "demo-html-qlora").mkdir()
     assert main(["train", "--config", DEMO_HTML, "--dry-run"]) == EXIT_OK
     capsys.readouterr()
     assert main(["train", "--config", DEMO_HTML]) == EXIT_USAGE
@@ -174,3 +174,30 @@ def test_cli_exit_code_for_a_bad_config_in_a_real_process(tmp_path):
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE
     assert "task: required" in done.stderr and "base: required" in done.stderr
+
+
+def test_seq2seq_dry_run_shows_encoder_input_and_target_with_and_without_context(capsys, models_dir):
+    assert main(["train", "--config", "configs/finetune/demo-qa.yaml", "--dry-run"]) == EXIT_OK
+    with_context = capsys.readouterr().out
+    first = with_context.split("--- example 1 of 42")[1].split("--- example 2")[0]
+    assert "input (encoder, no loss): [[question: " in first and " context: " in first
+    assert "</s>]]\ntarget (loss):" in first and first.rstrip().endswith("</s>")
+    assert "input token lengths (max_length) (42 examples, limit 768)" in with_context
+    assert "target token lengths (max_target_length)" in with_context
+
+    assert (
+        main(["train", "--config", "configs/finetune/demo-qa.yaml", "--dry-run", "--with_context", "false"])
+        == 0
+    )
+    without = capsys.readouterr().out.split("--- example 1 of 42")[1].split("--- example 2")[0]
+    assert "[[question: " in without and "context:" not in without
+
+
+def test_with_context_false_only_fits_the_qa_style(models_dir):
+    with pytest.raises(ConfigError, match="with_context: false only applies to the t5-qa style"):
+        load_config(REPO_ROOT / "configs" / "finetune" / "demo-email.yaml", {"with_context": "false"})
+
+
+def test_local_files_have_one_split(models_dir):
+    with pytest.raises(ConfigError, match="a local file is one split with no configurations"):
+        load_config(REPO_ROOT / DEMO_PYTHON, {"dataset_split": "validation"})

@@ -22,9 +22,50 @@ def load(path: Path):
     return config
 
 
-def test_the_recipes_of_issue_5_exist():
+REAL_TO_TWIN = {
+    "python-codegen-lora": "demo-python",
+    "html-codellama-qlora": "demo-html",
+    "email-t5": "demo-email",
+    "qa-t5-squad": "demo-qa",
+    "code-t5-mbpp": "demo-code",
+}
+
+
+def test_every_recipe_has_an_offline_twin():
     names = {path.stem for path in CONFIGS}
-    assert {"python-codegen-lora", "demo-python", "demo-html"} <= names
+    assert set(REAL_TO_TWIN) | set(REAL_TO_TWIN.values()) == names
+    for real, twin in REAL_TO_TWIN.items():
+        a, b = load(CONFIG_DIR / f"{real}.yaml"), load(CONFIG_DIR / f"{twin}.yaml")
+        # Same recipe code, prompt style, task and data columns; only size and speed differ.
+        assert (a.model.kind, a.style_name, a.run.task) == (b.model.kind, b.style_name, b.run.task), real
+        assert a.data.columns == b.data.columns, real
+        assert a.model.quantization == b.model.quantization or a.model.quantization == "auto", real
+        assert f"configs/finetune/{twin}.yaml" in (CONFIG_DIR / f"{real}.yaml").read_text(), real
+
+
+def test_catalog_entries_that_wait_for_training_name_an_existing_recipe():
+    """email-t5, qa-t5 and code-t5 wait for an adapter directory; their recipe must train exactly that
+    directory on exactly the entry's base, with the entry's prompt style."""
+    from babl_core import settings
+    from babl_core.catalog import Catalog
+
+    waiting = [spec for spec in Catalog.load().entries if spec.requires_adapter]
+    assert {spec.id for spec in waiting} == {"email-t5", "qa-t5", "code-t5"}
+    for spec in waiting:
+        path = REPO_ROOT / spec.train_command.split("--config ")[1].split()[0]
+        config = load(path)
+        assert settings.resolve_path(spec.adapter) == settings.adapters_dir() / config.run.run_name, spec.id
+        assert config.model.base == spec.base, spec.id
+        assert config.style_name == spec.prompt_style and config.run.task == spec.task, spec.id
+        assert config.adapter.finetuning == "lora", spec.id
+
+
+def test_real_causal_recipes_train_the_catalog_bases():
+    from babl_core.catalog import Catalog
+
+    bases = {spec.id: spec.base for spec in Catalog.load().entries}
+    assert load(CONFIG_DIR / "html-codellama-qlora.yaml").model.base == bases["html-codellama"]
+    assert load(CONFIG_DIR / "python-codegen-lora.yaml").model.base == bases["python-codegen"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -98,3 +139,28 @@ def test_quantization_follows_the_app_policy():
     cpu = plan_load(spec, "cpu")
     assert (cpu.quantization, cpu.dtype) == ("none", "float32")
     assert any("float16 compute is slow on CPU" in note for note in cpu.notes)
+
+
+def test_html_codellama_qlora_keeps_seed_001():
+    config = load(CONFIG_DIR / "html-codellama-qlora.yaml")
+    assert (config.model.quantization, config.model.dtype) == ("nf4", "bfloat16")
+    assert config.model.gradient_checkpointing is True
+    assert config.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert config.data.dataset == "jawerty/html_dataset"
+    assert config.data.columns == {"instruction": "label", "response": "html"}
+    assert (config.data.eval_fraction, config.data.max_length) == (0.2, 512)
+    assert config.style_name == "codellama-inst"
+    twin = load(CONFIG_DIR / "demo-html.yaml")
+    assert (twin.model.quantization, twin.model.gradient_checkpointing) == ("nf4", True)  # QLoRA offline too
+
+
+def test_t5_recipes_keep_their_seeds():
+    email = load(CONFIG_DIR / "email-t5.yaml")
+    assert email.data.columns == {"key_points": "subject_line", "body": "email_body"}  # aeslc reversed
+    qa = load(CONFIG_DIR / "qa-t5-squad.yaml")
+    assert qa.data.columns["answer"] == "answers.text.0" and qa.data.with_context is True
+    assert qa.data.max_train_samples == 50000  # seed 004's 50k rows
+    code = load(CONFIG_DIR / "code-t5-mbpp.yaml")
+    assert code.data.columns == {"text": "text", "code": "code"}
+    for config in (email, qa, code):
+        assert config.model.kind == "seq2seq" and config.model.quantization == "none"

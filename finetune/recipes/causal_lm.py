@@ -63,6 +63,7 @@ def train(config: FinetuneConfig) -> TrainResult:
     if quantized:
         # Casts norms/embeddings to float32 and makes the frozen 4-bit base safe to backpropagate through.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        factories.keep_4bit_weights_trainable(model)  # evaluations must not break later gradients
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, factories.lora_config(config, "CAUSAL_LM"))

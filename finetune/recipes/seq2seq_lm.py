@@ -1,0 +1,119 @@
+"""Recipe: T5 (encoder-decoder) with a LoRA adapter or full fine-tuning — seeds 000, 003 and 004.
+
+Setup → train → save, top to bottom:
+1. Load the base through `babl_core.loading` (T5 is small: unquantized, as the catalog serves it).
+2. Format every example with the run's T5 style (`t5-email`, `t5-qa`, `t5-code` from
+   `babl_core.prompts`): the prompt is the encoder input, the target the labels (T5 adds `</s>`).
+3. Wrap the model in a `SEQ_2_SEQ_LM` LoRA, or train every weight (`finetuning: full`).
+4. Train with transformers' Seq2SeqTrainer; checkpoints every `save_steps`, `--resume` continues.
+5. Save atomically: a LoRA to models/adapters/<run_name>/ (where the catalog's email/qa/code entries
+   wait for it), a full fine-tune to models/finetuned/<run_name>/ (a complete model directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from finetune.config import FinetuneConfig
+from finetune.recipes import TrainResult
+
+log = logging.getLogger("finetune")
+
+
+def train(config: FinetuneConfig) -> TrainResult:
+    """Run the whole recipe for `config` (already checked by `finetune.config.load_config`)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+
+    from babl_core import settings
+    from babl_core.loading import load_base, plan_load
+    from finetune import factories, outputs
+    from finetune.data import IGNORE_INDEX, prepare_data
+
+    started = time.perf_counter()
+    factories.quiet_training_noise()
+    set_seed(config.train.seed)
+    full = config.adapter.finetuning == "full"
+
+    # --- 1. the base, loaded as the app would load it ------------------------------------------------
+    spec = factories.model_spec(config)
+    plan = plan_load(spec, factories.training_device())
+    loaded = load_base(spec, plan)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    log.info("base %s: %s", config.model.base, loaded.describe())
+
+    # --- 2. data in the T5 style the app serves with ---------------------------------------------------
+    data = prepare_data(tokenizer, config, kind="seq2seq")
+    eval_rows = len(data.eval.rows) if data.eval else 0
+    log.info(
+        "data %s: %d train / %d eval examples, %d cut to max_length %d / max_target_length %d, style %s",
+        config.data.dataset, len(data.train.rows), eval_rows, data.train.truncated, config.data.max_length,
+        config.data.max_target_length, data.style.name,
+    )  # fmt: skip
+
+    # --- 3. LoRA, or every weight ---------------------------------------------------------------------------
+    model.config.use_cache = False
+    if loaded.plan.quantization in ("nf4", "int8"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        factories.keep_4bit_weights_trainable(model)  # evaluations must not break later gradients
+    if config.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if full:
+        model.requires_grad_(True)
+    else:
+        model = get_peft_model(model, factories.lora_config(config, "SEQ_2_SEQ_LM"))
+    trainable, total = factories.count_parameters(model)
+    log.info(
+        "trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
+    )
+
+    # --- 4. train ------------------------------------------------------------------------------------------
+    checkpoint_dir = outputs.start_checkpoint_dir(config)
+    train_set = data.train.to_dataset()
+    eval_set = data.eval.to_dataset() if data.eval else None
+    args = factories.training_arguments(
+        config, cls=Seq2SeqTrainingArguments, plan=loaded.plan, output_dir=checkpoint_dir,
+        has_eval=eval_set is not None, predict_with_generate=False,
+    )  # fmt: skip
+    # T5 shifts the labels right into decoder inputs itself (-100 becomes pad), so the collator only pads.
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    trainer = Seq2SeqTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
+    )
+    resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_eval = factories.final_evaluation(trainer) if eval_set is not None else {}
+
+    # --- 5. save: every process takes part, the main one writes -------------------------------------------
+    metrics = {
+        "train_loss": round(result.training_loss, 6),
+        "eval_loss": round(final_eval["eval_loss"], 6) if "eval_loss" in final_eval else None,
+        "steps": result.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "train_examples": len(data.train.rows),
+        "eval_examples": eval_rows,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "finetuning": config.adapter.finetuning,
+        "with_context": config.data.with_context if data.style.name == "t5-qa" else None,
+        "device": loaded.plan.device,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    staging = outputs.staging_dir(config)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective step under FSDP
+    output_dir = None
+    if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if full:
+            # A complete model directory (weights + tokenizer) that the catalog can use as a base.
+            unwrapped.save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+        else:
+            unwrapped.save_pretrained(staging, state_dict=state_dict, save_embedding_layers=False)
+        output_dir = outputs.publish(config, staging, metrics=metrics, log_history=trainer.state.log_history)
+        outputs.finish_checkpoint_dir(config)
+        log.info("saved to %s", settings.portable_path(output_dir))
+    return TrainResult(output_dir=output_dir, metrics=metrics, log_history=list(trainer.state.log_history))
