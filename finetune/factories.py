@@ -109,6 +109,9 @@ def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bo
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
+        # Every LoRA weight takes part in each forward pass, so DDP need not search the graph for unused
+        # ones (a traversal per step, and a warning printed by every process). Full fine-tunes keep the check.
+        ddp_find_unused_parameters=False if config.adapter.finetuning == "lora" else None,
         **extra,
     )
     if train.optim:
