@@ -59,7 +59,8 @@ def test_merged_model_is_checked_and_serves_as_a_plain_catalog_entry(
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert not (models_dir / "merged" / ".partial").exists()
     check = json.loads((merged / MERGED_META_FILE).read_text())["check"]
-    assert check["passed"] and 0 <= check["max_abs_diff"] <= 1e-3 == check["tolerance"]
+    assert check["passed"] and check["tolerance"] == 0.01  # the float32 default
+    assert 0 <= check["max_abs_diff"] <= 1e-4  # float32 rounding only (measured: 4e-7)
     assert check["top1_agreement"] == 1.0 and check["examples"] == 3 and check["positions"] > 30
 
     # The printed entry, pasted into a catalog next to base + adapter, serves the same greedy text.
@@ -150,7 +151,7 @@ def test_a_merge_that_does_not_reproduce_the_adapter_fails_and_keeps_nothing(
     real_merge = LoraModel.merge_and_unload
 
     def lossy_merge(self, *args, **kwargs):
-        # What a broken merge looks like: the update half applied (as rounding into 4-bit weights does).
+        # A merge that went wrong: one projection's merged weight off by 10% (logits move by ~0.07).
         model = real_merge(self, *args, **kwargs)
         with torch.no_grad():
             layer = model.model.layers[0].self_attn.q_proj
@@ -161,7 +162,7 @@ def test_a_merge_that_does_not_reproduce_the_adapter_fails_and_keeps_nothing(
     assert main(["merge", "--adapter", RUN]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert "merge check failed: merged model's logits differ from base + adapter by up to" in err
-    assert "above the tolerance 0.001" in err and "nothing was kept" in err
+    assert "above the tolerance 0.01" in err and "nothing was kept" in err
     assert not (models_dir / "merged" / RUN).exists()
     assert not (models_dir / "merged" / ".partial").exists()
 
