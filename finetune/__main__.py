@@ -1,6 +1,7 @@
 """`python -m finetune`: train | eval | predict | merge | experiment.
 
     python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
+    python -m finetune merge --adapter models/adapters/<run> [--out DIR] [--tolerance T]   # finetune.merge
 
 Every config key is also a command-line option (`--lora_r 8` or `--lora-r 8`); the command line wins
 over the file. `train` also runs under `accelerate launch -m finetune train ...`.
@@ -23,7 +24,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 NOT_BUILT = {
     "eval": "loss, perplexity and task metrics (SQuAD EM/F1, ROUGE, pass@k, HTML validity) of an adapter",
     "predict": "predictions on seeded random samples or your own queries",
-    "merge": "merge an adapter into its unquantized base for export",
     "experiment": "seed 004's with/without-context experiment on qa-t5-squad",
 }
 
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_config_options(train)
     train.set_defaults(func=cmd_train)
+    from finetune.merge import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{what} (not built yet)", description=f"{what}. Not built yet.")
         p.add_argument("--config", metavar="FILE", help="the run's YAML")

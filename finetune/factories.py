@@ -92,7 +92,7 @@ def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bo
         warmup_steps=train.warmup_steps,
         lr_scheduler_type=train.lr_scheduler_type,
         weight_decay=train.weight_decay,
-        train_sampling_strategy=train.train_sampling_strategy,
+        train_sampling_strategy=sampling_strategy(train.train_sampling_strategy, plan.device),
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
@@ -109,12 +109,26 @@ def training_arguments(config: FinetuneConfig, *, plan, output_dir, has_eval: bo
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
-        ddp_find_unused_parameters=False,  # every LoRA (or, full: every) weight takes part in each step
+        # Every LoRA weight takes part in each forward pass, so DDP need not search the graph for unused
+        # ones (a traversal per step, and a warning printed by every process). Full fine-tunes keep the check.
+        ddp_find_unused_parameters=False if config.adapter.finetuning == "lora" else None,
         **extra,
     )
     if train.optim:
         kwargs["optim"] = train.optim
     return cls(**kwargs)
+
+
+def sampling_strategy(setting: str, device: str) -> str:
+    """The Trainer's row order for `train_sampling_strategy` on `device` (`auto` decided by measurement).
+
+    On CPU a step costs in proportion to its padded tokens: on variable-length data (bench/finetune.py)
+    batches of random rows were 36% padding, length-grouped ones 14%, and the recipe trained 1.5x more real
+    tokens/s (2956 vs 1948, 2 cores). GPUs were not measured here, so `auto` keeps the random order there.
+    """
+    if setting != "auto":
+        return setting
+    return "group_by_length" if device == "cpu" else "random"
 
 
 def count_parameters(model) -> tuple[int, int]:

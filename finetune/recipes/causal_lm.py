@@ -120,6 +120,9 @@ def train(config: FinetuneConfig) -> TrainResult:
         "device": loaded.plan.device,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
+    # Other processes may still be writing their part of the last checkpoint (their RNG state), which the
+    # main process deletes once the adapter is published.
+    trainer.accelerator.wait_for_everyone()
     staging = outputs.staging_dir(config)
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective step under FSDP
     output_dir = None

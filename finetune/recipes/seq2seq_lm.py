@@ -102,6 +102,9 @@ def train(config: FinetuneConfig) -> TrainResult:
         "device": loaded.plan.device,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
+    # Other processes may still be writing their part of the last checkpoint, which the main process
+    # deletes once the adapter is published (the same rule as the causal recipe).
+    trainer.accelerator.wait_for_everyone()
     staging = outputs.staging_dir(config)
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective step under FSDP
     output_dir = None
