@@ -158,7 +158,7 @@ def test_column_keys_must_be_style_fields(models_dir):
         load_config(REPO_ROOT / DEMO_HTML, {"columns": "{instructions: label, response: html}"})
 
 
-@pytest.mark.parametrize("command", ["eval", "predict", "merge", "experiment"])
+@pytest.mark.parametrize("command", ["merge"])
 def test_later_subcommands_say_they_are_not_built(command, capsys):
     assert main([command, "--config", DEMO_PYTHON]) == EXIT_FAILED
     err = capsys.readouterr().err
