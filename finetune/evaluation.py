@@ -43,6 +43,7 @@ log = logging.getLogger("finetune")
 EVAL_FILE = "eval.json"
 CODE_TIMEOUT_S = 10.0  # per program; HumanEval's slowest canonical solutions take about a second
 PASS_AT = (1, 10, 100)  # the k values reported, up to the answers generated per problem
+SCORED_TASKS = ("qa", "email", "python", "code", "html")  # chat: loss and perplexity only
 HUMANEVAL_INSTRUCTION = (
     "Complete this Python function. Answer with the whole function, its signature included."
 )
@@ -101,7 +102,8 @@ def resolve_target(
 
     Args:
         adapter: a run directory, or a run name under models/adapters/ (or models/finetuned/).
-        config_path: the recipe YAML that trained it (used to find the run, and its eval settings).
+        config_path: the recipe YAML that trained it: it finds the run when `adapter` is not given, and
+            names the data set of an adapter that has no finetune.yaml (one not trained by finetune).
         overrides: eval settings from the command line (`{"eval_limit": "20", ...}`).
 
     Raises:
@@ -111,21 +113,22 @@ def resolve_target(
     from babl_core.catalog import Catalog, GenerationDefaults, ModelSpec, looks_like_path, read_adapter_info
     from finetune.config import EvalArgs, load_config
 
-    if (adapter is None) == (config_path is None):
-        raise EvalError("name what to evaluate: --adapter DIR_OR_RUN_NAME, or --config FILE (not both)")
+    if adapter is None and config_path is None:
+        raise EvalError("name what to evaluate: --adapter DIR_OR_RUN_NAME, or --config FILE")
     eval_keys = {f for f in EvalArgs.__dataclass_fields__}
     file_values: dict = {}
     if config_path is not None:
         located = load_config(config_path, overrides, check_environment=False)
+        file_values = read_yaml(Path(config_path))
+    if adapter is not None:
+        path = _adapter_dir(adapter)
+    else:
         path = located.adapter_path()
         if not (path / "babl.json").is_file():
             raise EvalError(
                 f"{settings.portable_path(path)} holds no trained model yet; train it first: "
                 f"python -m finetune train --config {located.source}"
             )
-        file_values = read_yaml(Path(config_path))
-    else:
-        path = _adapter_dir(adapter)
     saved = path / "finetune.yaml"
     if saved.is_file():
         values = read_yaml(saved)
@@ -135,7 +138,7 @@ def resolve_target(
     else:
         raise EvalError(
             f"{settings.portable_path(path)} has no finetune.yaml (it was not trained by finetune), so its "
-            "data set is unknown; pass --config FILE naming the data set and prompt style instead"
+            "data set is unknown; add --config FILE, a recipe naming the data set and its columns"
         )
     values = {**values, **{k: v for k, v in file_values.items() if k in eval_keys}}
     config, problems = build_config(values, overrides=overrides, source=source)
@@ -553,7 +556,8 @@ def run_eval(
     own_model = loaded is None
     loaded = loaded or load_target_model(target)
     try:
-        log.info("evaluating %s: %s", target.name, loaded.describe())
+        description = loaded.describe()
+        log.info("evaluating %s: %s", target.name, description)
         notes: list[str] = []
         loss = (
             eval_loss(loaded, rows, config, style=split.style, columns=split.columns)
@@ -569,6 +573,9 @@ def run_eval(
                 rows, config, loaded.tokenizer, style=split.style, columns=split.columns
             )
         params = generation_params(target)
+        if config.run.task not in SCORED_TASKS:
+            notes.append(f"the {config.run.task} task has no task metric: loss only")
+            examples = []
         fitting = [e for e in examples if fits_context(loaded, e, params.max_new_tokens)]
         if len(fitting) < len(examples):
             notes.append(
@@ -611,7 +618,7 @@ def run_eval(
         id=target.name,
         task=config.run.task,
         eval_set=evaluation.eval_set,
-        model=loaded.describe(),
+        model=description,
         metrics={k: _rounded(v) for k, v in metrics.items()},
         counts=counts,
         generation={

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,14 +95,16 @@ def arm_configs(config_path: str | Path, overrides: dict | None = None) -> list[
 
 
 def run_experiment(
-    config_path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, *, output_dir: Path | None = None
-) -> ExperimentResult:
+    config_path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, *, output_dir: Path | None = None,
+    on_evaluated: Callable | None = None,
+) -> ExperimentResult:  # fmt: skip
     """Train and evaluate both arms, then write `experiment.md` and `experiment.json`.
 
     Args:
         config_path: a t5-qa recipe (qa-t5-squad, or demo-qa offline).
         overrides: config keys from the command line, applied to both arms alike.
         output_dir: where the tables go (default models/experiments/<run_name>-context/).
+        on_evaluated: called with each arm's `EvalReport` as soon as it is evaluated (the CLI prints it).
 
     Raises:
         ExperimentError, ConfigError: as `arm_configs`.
@@ -121,7 +124,8 @@ def run_experiment(
         log.info("experiment arm %s: evaluating", label)
         report = evaluation.run_eval(target)
         evaluation.write_results(target, report)
-        print(evaluation.format_table(report), flush=True)
+        if on_evaluated is not None:
+            on_evaluated(report)
         questions = report.counts["answered"]
         arms.append(
             ArmResult(
