@@ -205,11 +205,17 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str], unknown:
     def work() -> int:
         from pathlib import Path
 
-        from finetune import experiment
+        from finetune import evaluation, experiment
+
+        def show(report) -> None:
+            print(evaluation.format_table(report), flush=True)
 
         try:
             result = experiment.run_experiment(
-                args.config, overrides, output_dir=Path(args.output) if args.output else None
+                args.config,
+                overrides,
+                output_dir=Path(args.output) if args.output else None,
+                on_evaluated=show,
             )
         except ConfigError as exc:
             if args.config == experiment.DEFAULT_CONFIG:
@@ -292,7 +298,8 @@ def _add_adapter_commands(sub) -> None:
     def which(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR_OR_RUN", help="a run directory, or a run name in "
                             "models/adapters/ (its finetune.yaml says which rows were held out)")  # fmt: skip
-        parser.add_argument("--config", metavar="FILE", help="or: the recipe YAML that trained it")
+        parser.add_argument("--config", metavar="FILE", help="or: the recipe YAML that trained it (with "
+                            "--adapter: names the data set of an adapter trained elsewhere)")  # fmt: skip
 
     evaluate = sub.add_parser(
         "eval",
