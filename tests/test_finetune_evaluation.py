@@ -378,7 +378,7 @@ def test_eval_errors_name_the_fix(trained, tmp_path, capsys):
     assert main(["eval", "--adapter", "no-such-run"]) == EXIT_USAGE
     assert "no trained model there" in capsys.readouterr().err
     assert main(["eval"]) == EXIT_USAGE
-    assert "--adapter DIR_OR_RUN_NAME, or --config FILE" in capsys.readouterr().err
+    assert "name what to evaluate: --adapter DIR_OR_RUN_NAME, or --config FILE" in capsys.readouterr().err
     assert main(["eval", "--adapter", "demo-qa-squad", "--humaneval"]) == EXIT_USAGE
     assert "humaneval is a Python benchmark" in capsys.readouterr().err
     assert main(["eval", "--adapter", "demo-qa-squad", "--eval_limt", "3"]) == EXIT_USAGE
@@ -391,6 +391,10 @@ def test_eval_errors_name_the_fix(trained, tmp_path, capsys):
         (folder / name).write_bytes((source / name).read_bytes())
     assert main(["eval", "--adapter", str(folder)]) == EXIT_USAGE
     assert "has no finetune.yaml" in capsys.readouterr().err
+    command = ["eval", "--adapter", str(folder), "--config", "configs/finetune/demo-qa.yaml", "--limit", "1"]
+    assert main([*command, "--eval_max_new_tokens", "4"]) == EXIT_OK
+    assert read_json(folder / "eval.json")["counts"]["answered"] == 1
+    capsys.readouterr()
     # A recipe whose run was never trained.
     never = tmp_path / "never.yaml"
     never.write_text(
