@@ -1,6 +1,9 @@
 """`python -m finetune`: train | eval | predict | merge | experiment.
 
     python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
+    python -m finetune eval --adapter demo-python-lora [--humaneval] [--limit N]
+    python -m finetune predict --adapter demo-qa-squad [--num N | --query TEXT ...] [--json]
+    python -m finetune experiment --config configs/finetune/demo-qa.yaml
 
 Every config key is also a command-line option (`--lora_r 8` or `--lora-r 8`); the command line wins
 over the file. `train` also runs under `accelerate launch -m finetune train ...`.
