@@ -65,19 +65,18 @@ def test_experiment_end_to_end_on_demo_qa(models_dir, tmp_path, capsys, one_torc
         assert len(prompts) == 6 and all((" context: " in p) is arm["with_context"] for p in prompts)
         meta = json.loads((folder / "babl.json").read_text(encoding="utf-8"))
         assert meta["metrics"]["eval"]["split"]["f1"] == arm["metrics"]["f1"]
-    questions = [
-        [
-            e["input"]["question"]
-            for e in json.loads((models_dir / "adapters" / a["run_name"] / "eval.json").read_text())[
-                "examples"
-            ]
-        ]
-        for a in (with_arm, without_arm)
-    ]
+
+    def asked(arm: dict) -> list[str]:
+        report = json.loads((models_dir / "adapters" / arm["run_name"] / "eval.json").read_text())
+        return [example["input"]["question"] for example in report["examples"]]
+
+    questions = [asked(with_arm), asked(without_arm)]
     assert questions[0] == questions[1]
     assert with_arm["run_name"] == "demo-qa-squad-with-context"
     assert not (models_dir / "adapters" / "demo-qa-squad").exists()  # the recipe's own adapter is untouched
-    # The verdict agrees with the numbers in the table.
+    # The table shows these numbers, and the verdict agrees with them.
+    a, b = with_arm["metrics"]["eval_loss"], without_arm["metrics"]["eval_loss"]
+    assert f"| eval loss | {a:.3f} | {b:.3f} | {a - b:+.3f} |" in markdown
     assert verdict == decide(with_arm["metrics"], without_arm["metrics"], questions=6)
 
 
