@@ -446,6 +446,38 @@ class AdapterInfo:
     created: str = ""
 
 
+def read_adapter_info(run_dir: Path) -> AdapterInfo:
+    """The `babl.json` of one adapter (or full fine-tune) directory.
+
+    Raises:
+        ValueError: the file is missing or unreadable, or names an unknown task or prompt style; the
+            message says which.
+    """
+    meta_path = run_dir / "babl.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        task = meta["task"]
+        base = meta["base"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable babl.json ({exc})") from exc
+    if task not in settings.TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(settings.TASKS)}")
+    style = meta.get("prompt_style") or DEFAULT_STYLE_FOR_TASK[task]
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style {style!r} is unknown")
+    return AdapterInfo(
+        id=run_dir.name,
+        path=run_dir,
+        label=meta.get("label") or run_dir.name,
+        task=task,
+        base=base,
+        prompt_style=style,
+        recipe=meta.get("recipe", ""),
+        metrics=meta.get("metrics") or {},
+        created=meta.get("created", ""),
+    )
+
+
 def discover_adapters(root: Path | None = None) -> tuple[list[AdapterInfo], list[str]]:
     """Every `*/babl.json` under the adapters directory; returns (adapters, warnings)."""
     root = root or settings.adapters_dir()
@@ -454,36 +486,10 @@ def discover_adapters(root: Path | None = None) -> tuple[list[AdapterInfo], list
     if not root.is_dir():
         return found, warnings
     for meta_path in sorted(root.glob("*/babl.json")):
-        run_dir = meta_path.parent
         try:
-            meta = json.loads(meta_path.read_text())
-            task = meta["task"]
-            base = meta["base"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            warnings.append(f"skipped adapter {run_dir.name}: unreadable babl.json ({exc})")
-            continue
-        if task not in settings.TASKS:
-            warnings.append(
-                f"skipped adapter {run_dir.name}: task {task!r} is not one of {', '.join(settings.TASKS)}"
-            )
-            continue
-        style = meta.get("prompt_style") or DEFAULT_STYLE_FOR_TASK[task]
-        if style not in PROMPT_STYLES:
-            warnings.append(f"skipped adapter {run_dir.name}: prompt_style {style!r} is unknown")
-            continue
-        found.append(
-            AdapterInfo(
-                id=run_dir.name,
-                path=run_dir,
-                label=meta.get("label") or run_dir.name,
-                task=task,
-                base=base,
-                prompt_style=style,
-                recipe=meta.get("recipe", ""),
-                metrics=meta.get("metrics") or {},
-                created=meta.get("created", ""),
-            )
-        )
+            found.append(read_adapter_info(meta_path.parent))
+        except ValueError as exc:
+            warnings.append(f"skipped adapter {meta_path.parent.name}: {exc}")
     return found, warnings
 
 
@@ -533,12 +539,12 @@ class Catalog:
             if info.id in ids:
                 self.warnings.append(f"skipped adapter {info.id}: its name is already a catalog id")
                 continue
-            specs.append(self._spec_for_adapter(info))
+            specs.append(self.spec_for_adapter(info))
         return specs
 
-    def _spec_for_adapter(self, info: AdapterInfo) -> ModelSpec:
-        # Share the base's loading settings with a catalog entry on the same base, so the cache
-        # keys match and one copy of the weights serves both.
+    def spec_for_adapter(self, info: AdapterInfo) -> ModelSpec:
+        """How the app serves a discovered adapter: its own entry, loaded like the catalog entry on the
+        same base (so the cache keys match and one copy of the weights serves both)."""
         twin = next(
             (s for s in self.entries if s.backend == "local" and _same_place(s.base, info.base)), None
         )

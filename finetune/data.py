@@ -274,45 +274,82 @@ class PreparedData:
     column_names: list[str]
 
 
-def prepare_data(tokenizer, config: FinetuneConfig, *, kind: str) -> PreparedData:
-    """Load, map, split and tokenize the config's data set for a causal or seq2seq model.
+@dataclass
+class SplitRows:
+    """The raw rows of both splits (before tokenizing), and how the prompt style reads them."""
+
+    train: Any
+    """`datasets.Dataset` of the training rows."""
+    eval: Any | None
+    """`datasets.Dataset` of the held-out rows, or None when `eval_fraction` is 0."""
+    style: Any
+    columns: dict[str, str]
+    total_rows: int
+    column_names: list[str]
+
+
+def load_split(config: FinetuneConfig) -> SplitRows:
+    """Load the config's data set, map its columns and cut the seeded train/eval split.
+
+    Training and evaluation both call this, so `eval` and `predict` see exactly the rows the run held
+    out (same data set, `eval_fraction`, `seed` and sample limits give the same split).
 
     Raises:
-        DataError: unreadable data, missing columns, or no usable training example left.
+        DataError: unreadable data or missing columns.
     """
     from babl_core.prompts import get_style
 
     data = config.data
     style = get_style(config.style_name)
     raw = load_rows(data)
-    source = data.dataset
-    columns = resolve_columns(style, list(raw.column_names), data.columns, source=source)
+    columns = resolve_columns(style, list(raw.column_names), data.columns, source=data.dataset)
     train_rows, eval_rows = split_rows(
         raw, eval_fraction=data.eval_fraction, seed=config.train.seed,
         max_train=data.max_train_samples, max_eval=data.max_eval_samples,
     )  # fmt: skip
+    return SplitRows(train_rows, eval_rows, style, columns, len(raw), list(raw.column_names))
+
+
+def encode_rows(
+    tokenizer, rows: list[dict], config: FinetuneConfig, *, style, columns, kind: str
+) -> EncodedSet:
+    """Tokenize raw rows for a causal or seq2seq model with the config's lengths and options."""
+    data = config.data
+    if kind == "seq2seq":
+        return encode_seq2seq(
+            tokenizer, rows, style=style, columns=columns, max_source_length=data.max_length,
+            max_target_length=data.max_target_length, with_context=data.with_context,
+        )  # fmt: skip
+    return encode_causal(
+        tokenizer, rows, style=style, columns=columns, max_length=data.max_length,
+        loss_on_prompt=data.loss_on_prompt, with_context=data.with_context,
+    )  # fmt: skip
+
+
+def prepare_data(tokenizer, config: FinetuneConfig, *, kind: str) -> PreparedData:
+    """Load, map, split and tokenize the config's data set for a causal or seq2seq model.
+
+    Raises:
+        DataError: unreadable data, missing columns, or no usable training example left.
+    """
+    split = load_split(config)
+    source = config.data.dataset
 
     def encode(rows) -> EncodedSet:
-        if kind == "seq2seq":
-            return encode_seq2seq(
-                tokenizer, rows.to_list(), style=style, columns=columns, max_source_length=data.max_length,
-                max_target_length=data.max_target_length, with_context=data.with_context,
-            )  # fmt: skip
-        return encode_causal(
-            tokenizer, rows.to_list(), style=style, columns=columns, max_length=data.max_length,
-            loss_on_prompt=data.loss_on_prompt, with_context=data.with_context,
-        )  # fmt: skip
+        return encode_rows(
+            tokenizer, rows.to_list(), config, style=split.style, columns=split.columns, kind=kind
+        )
 
-    train = encode(train_rows)
+    train = encode(split.train)
     if not train.rows:
         raise DataError(
-            f"dataset {source}: no usable training example among {len(train_rows)} rows "
+            f"dataset {source}: no usable training example among {len(split.train)} rows "
             f"(left out: {_describe_dropped(train.dropped) or 'none'}); check `columns` and raise max_length"
         )
-    evaluation = encode(eval_rows) if eval_rows is not None else None
+    evaluation = encode(split.eval) if split.eval is not None else None
     if evaluation is not None and not evaluation.rows:
         evaluation = None
-    return PreparedData(train, evaluation, style, columns, len(raw), list(raw.column_names))
+    return PreparedData(train, evaluation, split.style, split.columns, split.total_rows, split.column_names)
 
 
 def _describe_dropped(dropped: dict[str, int]) -> str:

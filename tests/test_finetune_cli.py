@@ -1,5 +1,5 @@
 """`python -m finetune`: instant help, YAML + CLI overrides, one error listing every config problem,
-the dry run's loss-mask view, column errors, and the subcommands that are not built yet."""
+the dry run's loss-mask view, column errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.__main__ import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main, parse_command
+from finetune.__main__ import EXIT_OK, EXIT_USAGE, main, parse_command
 from finetune.config import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,13 +156,6 @@ def test_column_keys_must_be_style_fields(models_dir):
         match="columns: 'instructions' is not a field of prompt style 'codellama-inst'; did you mean 'instruction'",
     ):
         load_config(REPO_ROOT / DEMO_HTML, {"columns": "{instructions: label, response: html}"})
-
-
-@pytest.mark.parametrize("command", ["eval", "predict", "experiment"])
-def test_later_subcommands_say_they_are_not_built(command, capsys):
-    assert main([command, "--config", DEMO_PYTHON]) == EXIT_FAILED
-    err = capsys.readouterr().err
-    assert f"`{command}`" in err and "is not built yet" in err
 
 
 def test_cli_exit_code_for_a_bad_config_in_a_real_process(tmp_path):
