@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from babl_core.settings import strict_ci
+
 # Before anything imports huggingface_hub/transformers: never reach for the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -109,15 +111,14 @@ def chromium_or_skip() -> str:
     path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if path:
         return path
-    message = "Chromium is missing: apt-get install -y chromium chromium-driver (never `playwright install`)"
-    if os.environ.get("BABL_CI_STRICT") == "1":
-        pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
-    pytest.skip(message)
+    skip_or_fail(
+        "Chromium is missing: apt-get install -y chromium chromium-driver (never `playwright install`)"
+    )
 
 
 def skip_or_fail(message: str) -> None:
     """Skip with `message`, or fail when BABL_CI_STRICT=1 (CI must not skip a missing dependency)."""
-    if os.environ.get("BABL_CI_STRICT") == "1":
+    if strict_ci():
         pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
     pytest.skip(message)
 
