@@ -168,9 +168,10 @@ def postgres_server():
     (`runuser`), in a folder under /tmp that user owns (pytest's own temp folders are root-only).
     Missing: skipped with the install command, or a failure with BABL_CI_STRICT=1.
     """
-    import socket
     import subprocess
     import tempfile
+
+    from tests.servers import free_port  # here: tests.servers imports this module
 
     folder = _postgres_bin()
     if folder is None:
@@ -184,9 +185,7 @@ def postgres_server():
             skip_or_fail("runuser is missing: PostgreSQL cannot be started as root without it")
         shutil.chown(root, user="postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     data = root / "data"
     options = (
         f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "

@@ -4,11 +4,7 @@ checks of the route logic with FastAPI's TestClient."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +20,7 @@ from babl_core.cache import ModelCache
 from babl_core.catalog import Catalog, ModelSpec
 from babl_core.chat import ChatService
 from tests.conftest import REPO_ROOT
+from tests.servers import chainlit_server, server_env
 
 KEY = "test-key-5f0c2a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -35,54 +32,15 @@ SEED_003 = {  # seed 003's README example, verbatim
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(session_models_dir, tmp_path_factory) -> str:
     """`chainlit run app.py` (the app as users start it) with BABL_API_KEY set; its base URL."""
-    port = free_port()
+    env = server_env(
+        session_models_dir, tmp_path_factory.mktemp("api-data"), BABL_API_KEY=KEY, BABL_MAX_MODELS="3"
+    )
     log_path = tmp_path_factory.mktemp("api-server") / "chainlit.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "BABL_MODELS_DIR": str(session_models_dir),
-        "BABL_DATA_DIR": str(tmp_path_factory.mktemp("api-data")),
-        "BABL_API_KEY": KEY,
-        "BABL_MAX_MODELS": "3",
-    }
-    for name in ("BABL_AUTH", "BABL_TUNNEL", "BABL_MODELS"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "chainlit", "run", "app.py", "--headless"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with chainlit_server(env=env, log_path=log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")

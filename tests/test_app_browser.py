@@ -8,31 +8,17 @@ Chromium missing: skipped with the install command, or a failure when BABL_CI_ST
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, chromium_or_skip, install_adapter
+from tests.conftest import REPO_ROOT, install_adapter
+from tests.servers import chainlit_server, launch_chromium, require_playwright, server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 OUTPUT_DIR = REPO_ROOT / "test-output"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ANSWERS = '[data-step-type="assistant_message"] .message-content'
 LABELS = {
     "demo-python": "Python — demo CodeGen (python, demo — random weights)",
@@ -42,84 +28,6 @@ LABELS = {
 }
 # The small label under each answer: "`model` · N tokens · R tokens/s[ · how it ended]".
 FOOTER = re.compile(r"([\w.-]+(?: \(base, no adapter\))?) · (\d+) tokens · \d+ tokens/s")  # JS-compatible
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def server_env(models_dir: Path, data_dir: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BABL_", "CHAINLIT_", "NGROK_"))}
-    env.update(
-        PYTHONPATH=str(REPO_ROOT),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        BABL_MODELS_DIR=str(models_dir),
-        BABL_DATA_DIR=str(data_dir),
-        **extra,
-    )
-    return env
-
-
-def start_app(env: dict, log_path: Path, *, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """`chainlit run app.py --headless` from the repo root; returns the process and its URL once
-    /health answers (fails with the log when it exits or takes over 90 s)."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "chainlit",
-        "run",
-        "app.py",
-        "--headless",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop_app(process)
-            pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
-def stop_app(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def launch_chromium(playwright):
-    return playwright.chromium.launch(executable_path=chromium_or_skip(), args=CHROMIUM_ARGS)
-
-
-def require_playwright() -> None:
-    chromium_or_skip()
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        message = "playwright is missing: pip install -r requirements-test.txt (never `playwright install`)"
-        if os.environ.get("BABL_CI_STRICT") == "1":
-            pytest.fail(message + " — BABL_CI_STRICT=1 makes this a failure")
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +41,10 @@ def app_url(session_models_dir, html_adapters, tmp_path_factory):
     (models / "adapters").mkdir()
     install_adapter(html_adapters["ad-a"], models)
     log_path = root / "chainlit.log"
-    process, url = start_app(server_env(models, root / "data"), log_path)
-    try:
+    with chainlit_server(env=server_env(models, root / "data"), log_path=log_path) as url:
         yield url
-    finally:
-        stop_app(process)
-        log = log_path.read_text()
-        assert "Traceback" not in log, log[-4000:]
+    log = log_path.read_text()
+    assert "Traceback" not in log, log[-4000:]
 
 
 @pytest.fixture(scope="module")

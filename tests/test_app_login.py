@@ -14,16 +14,8 @@ import urllib.request
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_app_browser import (
-    ANSWERS,
-    free_port,
-    launch_chromium,
-    require_playwright,
-    screenshot,
-    server_env,
-    start_app,
-    stop_app,
-)
+from tests.servers import chainlit_server, free_port, launch_chromium, require_playwright, server_env
+from tests.test_app_browser import ANSWERS, screenshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,8 +37,7 @@ def test_password_login_with_babl_auth(session_models_dir, tmp_path):
     import json
 
     env = server_env(session_models_dir, tmp_path / "data", BABL_AUTH=f"alice:{PASSWORD}")
-    process, url = start_app(env, tmp_path / "chainlit.log")
-    try:
+    with chainlit_server(env=env, log_path=tmp_path / "chainlit.log") as url:
         with urllib.request.urlopen(f"{url}/auth/config", timeout=10) as response:
             config = json.loads(response.read())
         assert config["requireLogin"] and config["passwordAuth"] and not config["headerAuth"]
@@ -71,8 +62,6 @@ def test_password_login_with_babl_auth(session_models_dir, tmp_path):
                 expect(page.locator(ANSWERS).first).to_contain_text("Answering with", timeout=30000)
             finally:
                 browser.close()
-    finally:
-        stop_app(process)
     assert PASSWORD not in (tmp_path / "chainlit.log").read_text()
 
 

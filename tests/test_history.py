@@ -21,6 +21,7 @@ from babl_core.catalog import Catalog
 from babl_core.chat import ChatService, ChatSession
 from babl_core.render import DOWNLOAD_MIME
 from tests.conftest import REPO_ROOT
+from tests.servers import free_port
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -161,11 +162,7 @@ def test_bad_urls_and_unreachable_servers_stop_the_start_with_the_fix(monkeypatc
     assert "s3cret" not in str(wrong_driver.value)
     with pytest.raises(history.HistoryUnavailable, match="'mysql' is not supported"):
         history.prepare_database("mysql+aiomysql://u@h/db")
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     with pytest.raises(history.HistoryUnavailable) as down:
         history.prepare_database(f"postgresql+asyncpg://babl:s3cret@127.0.0.1:{port}/babl")
     message = str(down.value)

@@ -26,18 +26,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from babl_core import history
 from babl_core.render import DOWNLOAD_MIME
 from tests.chainlit_client import Http, Tab, login, resumed_thread
-from tests.test_app_browser import (
-    ANSWERS,
-    FOOTER,
-    ask,
-    launch_chromium,
-    require_playwright,
-    screenshot,
-    server_env,
-    start_app,
-    stop_app,
-    wait_for_answer,
-)
+from tests.servers import launch_chromium, require_playwright, server_env, start_chainlit, stop_chainlit
+from tests.test_app_browser import ANSWERS, FOOTER, ask, screenshot, wait_for_answer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -65,7 +55,7 @@ class AppServer:
 
     def start(self) -> None:
         self.runs += 1
-        self.process, self.url = start_app(self.env, self.log_path(self.runs))
+        self.process, self.url = start_chainlit("app.py", env=self.env, log_path=self.log_path(self.runs))
 
     def kill_and_restart(self) -> None:
         """SIGKILL, as a crash or a power cut: no shutdown hook, no disconnect handler runs."""
@@ -74,7 +64,7 @@ class AppServer:
         self.start()
 
     def stop(self) -> None:
-        stop_app(self.process)
+        stop_chainlit(self.process)
 
     def log_path(self, run: int) -> Path:
         return self.root / f"chainlit-{run}.log"

@@ -9,53 +9,19 @@ from __future__ import annotations
 
 import html
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from babl_core.render import SANDBOX, preview_document, sandbox_for
-from babl_core.settings import REPO_ROOT, env_flag
+from babl_core.settings import REPO_ROOT
+from tests.servers import chainlit_server, launch_chromium, require_playwright
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 OUTPUT_DIR = REPO_ROOT / "test-output"
-
-
-def require_chromium():
-    """Skips (with the install command) when Chromium or Playwright is missing, unless
-    BABL_CI_STRICT is set: then a missing browser fails the run."""
-    problem = None
-    if not CHROMIUM.exists():
-        problem = f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            problem = (
-                "playwright is missing: pip install -r requirements-test.txt (never `playwright install`)"
-            )
-    if problem is None:
-        return
-    if env_flag("BABL_CI_STRICT"):
-        pytest.fail(f"BABL_CI_STRICT is set and {problem}")
-    pytest.skip(problem)
 
 
 class RecordingServer:
@@ -165,11 +131,11 @@ def server():
 
 @pytest.fixture(scope="module")
 def browser():
-    require_chromium()
+    require_playwright()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = launch_chromium(playwright)
         yield chromium
         chromium.close()
 
@@ -247,18 +213,11 @@ def test_control_without_our_document_the_sandbox_alone_leaks(browser, server):
 # --- the real custom element in Chainlit ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chainlit_app(server, tmp_path_factory):
     """`chainlit run tests/assets/preview_app.py` from the repo root, so the project's
     public/elements/HtmlPreview.jsx and .chainlit/config.toml are the ones served."""
-    require_chromium()
-    port = free_port()
+    require_playwright()
     log_path = tmp_path_factory.mktemp("chainlit") / "chainlit.log"
     env = {
         **os.environ,
@@ -266,33 +225,8 @@ def chainlit_app(server, tmp_path_factory):
         "BABL_TEST_LEAK_URL": server.url,
         "HF_HUB_OFFLINE": "1",
     }
-    command = [sys.executable, "-m", "chainlit", "run", "tests/assets/preview_app.py", "--headless"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"chainlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"chainlit did not answer /health in 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with chainlit_server("tests/assets/preview_app.py", env=env, log_path=log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from pyngrok import installer, process
 from pyngrok.exception import PyngrokNgrokInstallError
 
 from babl_core import tunnel
+from tests.servers import free_port
 
 FAKE_NGROK = Path(__file__).parent / "assets" / "fake_ngrok.py"
 TOKEN = "2babl_FAKE_ngrok_TOKEN_5c1e9d7b"  # recognisable wherever it might leak
@@ -35,12 +35,6 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +183,7 @@ def test_failed_download_is_one_clean_line(monkeypatch, tmp_path):
     monkeypatch.setenv("PYNGROK_NGROK_PATH", str(missing))
     # urlopen's shared opener reads proxy variables once, when first built, so install one
     # explicitly: every download request goes to a closed local port, with or without network.
-    proxy = f"http://127.0.0.1:{closed_port()}"
+    proxy = f"http://127.0.0.1:{free_port()}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({"https": proxy, "http": proxy}))
     monkeypatch.setattr(urllib.request, "_opener", opener)
     started = time.monotonic()
