@@ -214,3 +214,34 @@ def postgres_server():
             capture_output=True, timeout=60,
         )  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def listening_server():
+    """A TCP server on 127.0.0.1 that records every connection it accepts: (port, accepted addresses).
+
+    For the code sandbox's network tests: an answer that reaches it shows up in `accepted`.
+    """
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    accepted: list[tuple] = []
+    stop = threading.Event()
+
+    def accept_forever():
+        while not stop.is_set():
+            try:
+                conn, address = server.accept()
+            except TimeoutError:
+                continue
+            accepted.append(address)
+            conn.close()
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    server.close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -233,31 +231,6 @@ def test_humaneval_canonical_solutions_score_one_and_wrong_ones_zero(trained):
     wrong = run_eval(target, answer_fn=lambda ex, params: "    return None\n")
     assert wrong.metrics["pass@1"] == 0.0
     assert {e["scores"]["status"][0] for e in wrong.examples} <= {"failed", "error"}
-
-
-@pytest.fixture
-def listening_server():
-    """A TCP server on 127.0.0.1 that counts the connections it accepts."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.05)
-    accepted: list = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, address = server.accept()
-            except TimeoutError:
-                continue
-            accepted.append(address)
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], accepted
-    stop.set()
-    thread.join()
-    server.close()
 
 
 def test_runaway_and_networked_answers_fail_without_hanging(trained, listening_server):

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -205,38 +204,17 @@ def test_resource_limits_and_environment(monkeypatch):
 
 
 @pytest.fixture
-def listening_server():
-    """A TCP server on 127.0.0.1 that records every connection it accepts."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.05)
-    accepted: list[tuple] = []
-    stop = threading.Event()
-
-    def accept_forever():
-        while not stop.is_set():
-            try:
-                conn, address = server.accept()
-            except TimeoutError:
-                continue
-            accepted.append(address)
-            conn.close()
-
-    thread = threading.Thread(target=accept_forever, daemon=True)
-    thread.start()
-    # Control: prove the server does see a connection from this process, so "no connection" below
-    # means the sandbox blocked it, not that the server was deaf.
-    with socket.create_connection(("127.0.0.1", server.getsockname()[1]), timeout=2):
+def listening_server(listening_server):
+    """conftest's recording server, after a control connection from this process: "no connection"
+    below then means the sandbox blocked it, not that the server was deaf."""
+    port, accepted = listening_server
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
     deadline = time.monotonic() + 2
     while not accepted and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(accepted) == 1
-    yield server.getsockname()[1], accepted
-    stop.set()
-    thread.join()
-    server.close()
+    return listening_server
 
 
 # If the connection went through, each program would run to its end and pass.
