@@ -2,7 +2,8 @@
 session the browser opens (`/ws/socket.io`), so a test can chat, change settings and resume a thread
 against a real `chainlit run` server without a browser.
 
-Not a test module (no `test_` prefix); used by tests/test_history_e2e.py.
+Not a test module (no `test_` prefix); used by tests/test_history_e2e.py (and `shown_steps` by
+tests/test_app.py's in-process tab).
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ def login(url: str, user: str, password: str) -> str:
     response = httpx.post(f"{url}/login", data={"username": user, "password": password}, timeout=15)
     response.raise_for_status()
     return response.cookies[COOKIE]
+
+
+def shown_steps(events: list[tuple[str, dict]]) -> dict[str, dict]:
+    """The steps (messages, status steps) a tab shows, by id in the order first shown, with their last
+    content: what the UI makes of Chainlit's `new_message`/`update_message`/`stream_*` events."""
+    steps: dict[str, dict] = {}
+    for name, data in events:
+        if name in ("new_message", "update_message", "stream_start"):
+            steps[data["id"]] = {**steps.get(data["id"], {}), **data}
+        elif name == "stream_token":
+            step = steps[data["id"]]
+            step["output"] = data["token"] if data["isSequence"] else step["output"] + data["token"]
+    return steps
 
 
 class Http:
@@ -152,16 +166,7 @@ class Tab:
 
     def messages(self) -> dict[str, dict]:
         """Steps shown, by id, with their latest content (streamed tokens applied)."""
-        steps: dict[str, dict] = {}
-        for name, data in self.events:
-            if name in ("new_message", "update_message", "stream_start"):
-                steps[data["id"]] = {**steps.get(data["id"], {}), **data}
-            elif name == "stream_token":
-                step = steps[data["id"]]
-                step["output"] = (
-                    data["token"] if data.get("isSequence") else step.get("output", "") + data["token"]
-                )
-        return steps
+        return shown_steps(self.events)
 
     def answers(self) -> list[dict]:
         return [s for s in self.messages().values() if s.get("type") == "assistant_message"]

@@ -23,6 +23,7 @@ from babl_core.chat import ChatService
 from babl_core.generation import stream as real_stream
 from babl_core.loading import load_base
 from babl_core.render import DOWNLOAD_MIME, format_answer
+from tests.chainlit_client import shown_steps
 from tests.conftest import REPO_ROOT, install_adapter
 
 
@@ -143,14 +144,7 @@ class FakeBrowser:
 
     def screen(self) -> list[dict]:
         """The steps (messages, status steps) in the order shown, with their last content."""
-        steps: dict[str, dict] = {}
-        for event, data in self.events:
-            if event in ("new_message", "update_message", "stream_start"):
-                steps[data["id"]] = {**steps.get(data["id"], {}), **data}
-            elif event == "stream_token":
-                step = steps[data["id"]]
-                step["output"] = data["token"] if data["isSequence"] else step["output"] + data["token"]
-        return list(steps.values())
+        return list(shown_steps(self.events).values())
 
     def answers(self) -> list[dict]:
         return [s for s in self.screen() if s["type"] == "assistant_message"]
