@@ -30,7 +30,8 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
@@ -555,26 +556,28 @@ def _usage(groups: list[list[ChatReply]]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+@contextmanager
+def _as_api_errors(text_param: str) -> Iterator[None]:
+    """Raise the API error for a known exception from the block (`api_error`); others go on as they are."""
+    try:
+        yield
+    except Exception as exc:
+        error = api_error(exc, text_param)
+        if error is None:
+            raise
+        raise error from exc
+
+
 async def _start_replies(make: Callable[[], Any], text_param: str) -> Any:
     """Build the replies in a worker thread (catalog listing and availability touch the disk, and
     online a hub probe can take 2 s), turning known errors into API errors."""
-    try:
+    with _as_api_errors(text_param):
         return await asyncio.to_thread(make)
-    except Exception as exc:
-        error = api_error(exc, text_param)
-        if error is None:
-            raise
-        raise error from exc
 
 
 async def _run_to_end(replies: list[ChatReply], request: Request, text_param: str) -> None:
-    try:
+    with _as_api_errors(text_param):
         await Choices(replies, request).start().texts()
-    except Exception as exc:
-        error = api_error(exc, text_param)
-        if error is None:
-            raise
-        raise error from exc
 
 
 def _sse(payload: BaseModel) -> str:
@@ -592,13 +595,8 @@ async def _stream(
     """An SSE response over `replies`: errors before the first chunk are HTTP errors; later ones are
     an error event. `chunk_for(index, text, finish_reason)` builds one event."""
     choices = Choices(replies, request).start()
-    try:
+    with _as_api_errors(text_param):
         first = await choices.first_items()
-    except Exception as exc:
-        error = api_error(exc, text_param)
-        if error is None:
-            raise
-        raise error from exc
 
     def event(index: int, item: Any) -> str:
         if item is _END:
