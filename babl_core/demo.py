@@ -131,20 +131,30 @@ def _ids(tokenizer) -> dict[str, int]:
 
 
 def build_llama(
-    tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0
+    tokenizer,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    seed: int = 0,
+    init_std: float | None = None,
 ):
+    """A random-weight Llama; `init_std` above the default (0.02) gives well-separated top tokens."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=CAUSAL_CONTEXT,
         tie_word_embeddings=False,
+        **({"initializer_range": init_std} if init_std else {}),
         **_ids(tokenizer),
     )
     torch.manual_seed(seed)
