@@ -140,8 +140,10 @@ class _Row:
         self.released = threading.Event()  # set once the scheduler holds nothing of this row
 
     def finish(self, item=_END) -> None:
-        self.stream._queue.put(item)
-        self.released.set()
+        """End the stream with `_END` or an exception (once; later calls do nothing)."""
+        if not self.released.is_set():
+            self.stream._queue.put(item)
+            self.released.set()
 
 
 class BatchedStream(TokenStream):
@@ -226,11 +228,17 @@ class BatchScheduler:
                         self._cache = None
                         return
                     admitted = self._admit()
-                self._drop_stopped()
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
+                try:
+                    self._drop_stopped()
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._decode()
+                except BaseException as exc:  # the batch's state is unknown now: fail its rows, start afresh
+                    log.exception("batch step failed")
+                    for row in self._rows + admitted:
+                        row.finish(exc)
+                    self._rows, self._pads, self._cache = [], [], None
 
     def _admit(self) -> list[_Row]:
         """Waiting rows that fit now (called with the lock held): room in the batch, prefill budget."""
@@ -303,7 +311,7 @@ class BatchScheduler:
                     self._seen_mask(row, logits.shape[-1]) if row.params.repetition_penalty != 1.0 else None
                 )
             tokens = self._pick(group, logits)
-        except BaseException as exc:  # this group fails; the running batch goes on
+        except Exception as exc:  # this group fails; the running batch goes on
             log.exception("prefill failed")
             for row in group:
                 row.finish(exc)
@@ -321,22 +329,15 @@ class BatchScheduler:
         start = time.perf_counter()
         rows = self._rows
         device = rows[0].loaded.device
-        try:
-            input_ids = torch.tensor([[r.next_token] for r in rows], device=device)
-            positions = torch.tensor([[r.position] for r in rows], device=device)
-            mask = None
-            if any(self._pads):
-                width = self._cache.get_seq_length() + 1
-                pads = torch.tensor(self._pads).unsqueeze(1)
-                mask = (torch.arange(width).unsqueeze(0) >= pads).long().to(device)
-            logits = self._forward(rows, input_ids, mask, positions, self._cache)
-            tokens = self._pick(rows, logits)
-        except BaseException as exc:  # the batch's state is unknown now: fail its rows, start afresh
-            log.exception("decode step failed")
-            for row in rows:
-                row.finish(exc)
-            self._rows, self._pads, self._cache = [], [], None
-            return
+        input_ids = torch.tensor([[r.next_token] for r in rows], device=device)
+        positions = torch.tensor([[r.position] for r in rows], device=device)
+        mask = None
+        if any(self._pads):
+            width = self._cache.get_seq_length() + 1
+            pads = torch.tensor(self._pads).unsqueeze(1)
+            mask = (torch.arange(width).unsqueeze(0) >= pads).long().to(device)
+        logits = self._forward(rows, input_ids, mask, positions, self._cache)  # errors: _loop fails the batch
+        tokens = self._pick(rows, logits)
         for row in rows:
             row.position += 1
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True)) if self._emit(row, token)]
