@@ -21,6 +21,7 @@ from babl_core.generation import GenerationParams, GenerationStats
 from babl_core.generation import stream as default_stream
 from babl_core.loading import LoadedModel, ModelUnavailable
 from babl_core.prompts import Prompt, build_prompt, get_style
+from babl_core.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
 SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -113,23 +114,20 @@ class ChatReply:
 
     async def _run(self) -> AsyncIterator[str]:
         service = self.service
-        loop = asyncio.get_running_loop()
-        status = self.on_status
-        loaded: LoadedModel = await asyncio.to_thread(
-            service.cache.acquire,
-            self.spec,
-            use_adapter=self.use_adapter,
-            on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
-        )
-        service._generation_started()
+        remote = self.spec.backend == "openai"
+        loaded: LoadedModel | None = None
+        if not remote:
+            loop = asyncio.get_running_loop()
+            status = self.on_status
+            loaded = await asyncio.to_thread(
+                service.cache.acquire,
+                self.spec,
+                use_adapter=self.use_adapter,
+                on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
+            )
+        service._generation_started(remote=remote)
         try:
-            self.description = loaded.describe()
-            self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
-            self.notes = list(self.prompt.notes)
-            gen = service.stream_fn(
-                loaded, self.prompt.text, self.params, self.stop_event,
-                add_special_tokens=self.prompt.add_special_tokens,
-            )  # fmt: skip
+            gen = self._start_remote() if remote else self._start_local(loaded)
             self.stats = gen.stats
             async for chunk in _pump(gen, self.stop_event):
                 self.text += chunk
@@ -141,8 +139,9 @@ class ChatReply:
             self.stats.finish_reason = "error"
             raise
         finally:
-            service._generation_finished()
-            await asyncio.to_thread(service.cache.release, loaded)
+            service._generation_finished(remote=remote)
+            if loaded is not None:
+                await asyncio.to_thread(service.cache.release, loaded)
             self.finished = True
             if self.stats.finish_reason is None:  # cancelled from outside (task cancelled, disconnect)
                 self.stats.finish_reason = "cancelled"
@@ -150,6 +149,23 @@ class ChatReply:
                 self.stats.finished_at = time.perf_counter()
             if self.record and self.session is not None and self.stats.finish_reason != "error":
                 self.service._record(self)
+
+    def _start_local(self, loaded: LoadedModel):
+        self.description = loaded.describe()
+        self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
+        self.notes = list(self.prompt.notes)
+        return self.service.stream_fn(
+            loaded, self.prompt.text, self.params, self.stop_event,
+            add_special_tokens=self.prompt.add_special_tokens,
+        )  # fmt: skip
+
+    def _start_remote(self):
+        """An OpenAI-compatible server answers: the messages go as they are (its chat template renders
+        them, so `prompt` stays None) and nothing is loaded here."""
+        self.description = f"remote: {self.spec.remote_model} at {self.spec.base_url}"
+        gen = self.service.remote_stream_fn(self.spec, self.messages, self.params, self.stop_event)
+        self.notes = list(getattr(gen, "notes", []))
+        return gen
 
 
 async def _pump(gen, stop_event: threading.Event) -> AsyncIterator[str]:
@@ -208,11 +224,19 @@ def render_prompt(
 class ChatService:
     """Sessions in, text chunks out: the one path used by the app, the API and the CLI."""
 
-    def __init__(self, catalog: Catalog | None = None, cache: ModelCache | None = None, stream_fn=None):
+    def __init__(
+        self,
+        catalog: Catalog | None = None,
+        cache: ModelCache | None = None,
+        stream_fn=None,
+        remote_stream_fn=None,
+    ):
         self.catalog = catalog or Catalog.load()
         self.cache = cache or ModelCache()
         self.stream_fn = stream_fn or default_stream
+        self.remote_stream_fn = remote_stream_fn or RemoteStream
         self._active = 0
+        self._active_remote = 0
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -221,13 +245,25 @@ class ChatService:
         with self._lock:
             return self._active
 
-    def _generation_started(self) -> None:
+    def _generation_started(self, remote: bool = False) -> None:
         with self._lock:
             self._active += 1
+            self._active_remote += remote
 
-    def _generation_finished(self) -> None:
+    def _generation_finished(self, remote: bool = False) -> None:
         with self._lock:
             self._active -= 1
+            self._active_remote -= remote
+
+    def status(self) -> dict:
+        """What `/v1/status`, `python -m babl_core status` and the chat's `/status` show: loaded bases
+        (adapters, memory, each base's batch: active rows, waiting, KV cache), active generations
+        (local and remote) and the queue (requests waiting for a load or for a row in a batch)."""
+        data = self.cache.status()
+        with self._lock:
+            data["active_generations"] = self._active
+            data["remote_active_generations"] = self._active_remote
+        return data
 
     def _record(self, reply: ChatReply) -> None:
         session = reply.session
