@@ -369,6 +369,30 @@ class ChatService:
         return description
 
 
+def format_status(status: dict) -> str:
+    """`ChatService.status()` as a few lines of text (the CLI's `status` and the chat's `/status`)."""
+    bases = status.get("bases", [])
+    budget = f", budget {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""
+    lines = [f"Loaded bases: {len(bases)} of {status.get('max_models', '?')} slots, "
+             f"{status.get('memory_mb', 0):.0f} MB of weights{budget}"]  # fmt: skip
+    for base in bases:
+        lines.append(f"- {base['base']}: {base.get('description') or base['state']} ({base['state']})")
+        if base.get("adapters"):
+            lines.append(f"  adapters: {', '.join(base['adapters'])}")
+        batch = base.get("batch")
+        if batch:
+            lines.append(f"  batch: {batch['active_rows']} of {batch['max_rows']} rows decoding, "
+                         f"{batch['waiting']} waiting, KV cache {batch['kv_cache_mb']:.1f} MB")  # fmt: skip
+    remote = status.get("remote_active_generations", 0)
+    lines.append(
+        f"Active generations: {status.get('active_generations', 0)}"
+        + (f" ({remote} remote)" if remote else "")
+    )
+    lines.append(f"Queue: {status.get('queue', 0)} ({status.get('waiting_for_load', 0)} waiting for a model to load, "
+                 f"{status.get('waiting_to_join', 0)} waiting to join a batch)")  # fmt: skip
+    return "\n".join(lines)
+
+
 async def coalesce(chunks: AsyncIterator[str], max_rate_hz: float = 30.0) -> AsyncIterator[str]:
     """Merge chunks so a UI gets at most `max_rate_hz` updates a second (DESIGN.md "Streaming").
 
