@@ -172,7 +172,7 @@ class BatchScheduler:
 
     def __init__(self, label: str = "", rows_limit: int | None = None):
         self.label = label
-        self.rows_limit = rows_limit or max_rows()
+        self._rows_limit = rows_limit
         self._cond = threading.Condition()
         self._waiting: deque[_Row] = deque()
         self._thread: threading.Thread | None = None
@@ -187,6 +187,11 @@ class BatchScheduler:
         self.last_step_ms = 0.0
 
     # -- public ------------------------------------------------------------------------------------
+    @property
+    def rows_limit(self) -> int:
+        """Most rows decoding at once: the constructor's value, else `BABL_MAX_BATCH` (read each step)."""
+        return self._rows_limit or max_rows()
+
     def submit(self, row: _Row) -> None:
         with self._cond:
             self._waiting.append(row)
