@@ -225,6 +225,7 @@ class BatchScheduler:
     def _loop(self) -> None:
         import torch
 
+        prefills_in_a_row = 0
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -237,6 +238,13 @@ class BatchScheduler:
                     self._drop_stopped()
                     if admitted:
                         self._prefill(admitted)
+                        prefills_in_a_row += 1
+                        # Requests that arrived during that prefill (a burst of users) are prefilled
+                        # before the next decode step: their first chunk then waits for one prefill,
+                        # not for a decode step as well. Twice at most, so running rows keep moving.
+                        if prefills_in_a_row < 2 and self._waiting:
+                            continue
+                    prefills_in_a_row = 0
                     if self._rows:
                         self._decode()
                 except BaseException as exc:  # the batch's state is unknown now: fail its rows, start afresh
