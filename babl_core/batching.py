@@ -3,7 +3,8 @@
 One `BatchScheduler` thread per base model object. Each step it (1) drops rows whose request was
 stopped (stop button, disconnect, stop string), (2) admits waiting requests: prefills them together in
 one left-padded forward and streams each one's first token, (3) runs one decode step over every active
-row with a shared `DynamicCache` (left padding + attention mask + per-row position ids), picks each
+row with a shared KV cache (left padding + attention mask + per-row position ids; a `DynamicCache`
+whose layers write into room allocated ahead instead of concatenating every step), picks each
 row's token with that row's own settings, streams it to the row's queue, and drops finished rows. So a
 request joins and leaves a running batch between steps, and N users cost about one weight pass per
 token instead of N (the step is memory-bound on CPU).
@@ -32,6 +33,7 @@ caps rows per base; more requests wait in the queue (shown by `status()`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -178,7 +180,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         # Owned by the scheduler thread; status() reads counts only.
         self._rows: list[_Row] = []
-        self._cache = None  # DynamicCache, batch dim in the order of _rows
+        self._cache = None  # DynamicCache of BatchLayers, batch dim in the order of _rows
         self._pads: list[int] = []  # left-padding columns of each row in the cache
         self.steps = 0
         self.tokens = 0
@@ -206,10 +208,7 @@ class BatchScheduler:
         cache = self._cache
         kv_bytes = 0
         if cache is not None:
-            for layer in list(cache.layers):
-                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-                if keys is not None and values is not None:
-                    kv_bytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+            kv_bytes = sum(layer.allocated_bytes() for layer in list(cache.layers))
         return {
             "active_rows": len(self._rows),
             "waiting": waiting,
@@ -297,7 +296,6 @@ class BatchScheduler:
     def _prefill(self, group: list[_Row]) -> None:
         """One forward over the new prompts (left-padded together), first tokens out, rows joined."""
         import torch
-        from transformers import DynamicCache
 
         device = group[0].loaded.device
         lengths = [len(r.prompt) for r in group]
@@ -316,7 +314,7 @@ class BatchScheduler:
                     mask[i, width - lengths[i] :] = 1
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
                 input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-            cache = DynamicCache(config=_inner_model(group[0].loaded.model).config)
+            cache = _batch_cache(_inner_model(group[0].loaded.model).config)
             logits = self._forward(group, input_ids, mask, positions, cache)
             _check_cache(cache)
             for row in group:
@@ -411,24 +409,25 @@ class BatchScheduler:
     # -- the shared cache --------------------------------------------------------------------------
     def _join(self, cache, pads: list[int], rows: list[_Row], indices: list[int]) -> None:
         """Add prefilled rows (their cache rows `indices`) to the batch, left-padding the shorter side."""
+        import torch
         import torch.nn.functional as F
 
-        new_layers = cache.layers
         if len(indices) < cache.layers[0].keys.shape[0]:
-            cache.batch_select_indices(_index(indices, cache.layers[0].keys.device))
+            keep = _index(indices, cache.layers[0].keys.device)
+            for layer in cache.layers:
+                layer.replace(layer.keys[keep], layer.values[keep])
         if not self._rows:
             self._cache, self._pads, self._rows = cache, pads, rows
         else:
             old_len, new_len = self._cache.get_seq_length(), cache.get_seq_length()
             grow_old, grow_new = max(0, new_len - old_len), max(0, old_len - new_len)
-            for old, new in zip(self._cache.layers, new_layers, strict=True):
-                for attr in ("keys", "values"):
-                    a, b = getattr(old, attr), getattr(new, attr)
-                    if grow_old:
-                        a = F.pad(a, (0, 0, grow_old, 0))
-                    if grow_new:
-                        b = F.pad(b, (0, 0, grow_new, 0))
-                    setattr(old, attr, _cat_rows(a, b))
+            for old, new in zip(self._cache.layers, cache.layers, strict=True):
+                merged = []
+                for a, b in ((old.keys, new.keys), (old.values, new.values)):
+                    merged.append(
+                        torch.cat([F.pad(a, (0, 0, grow_old, 0)), F.pad(b, (0, 0, grow_new, 0))], dim=0)
+                    )
+                old.replace(*merged)
             self._pads = [p + grow_old for p in self._pads] + [p + grow_new for p in pads]
             self._rows = self._rows + rows
         self.peak_rows = max(self.peak_rows, len(self._rows))
@@ -438,21 +437,13 @@ class BatchScheduler:
         if not keep:
             self._rows, self._pads, self._cache = [], [], None
             return
-        self._cache.batch_select_indices(_index(keep, self._cache.layers[0].keys.device))
         self._rows = [self._rows[i] for i in keep]
         self._pads = [self._pads[i] for i in keep]
         trim = min(self._pads)
-        if trim:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., trim:, :]
-                layer.values = layer.values[..., trim:, :]
-            self._pads = [p - trim for p in self._pads]
-
-
-def _cat_rows(a, b):
-    import torch
-
-    return torch.cat([a, b], dim=0)
+        index = _index(keep, self._cache.layers[0].keys.device)
+        for layer in self._cache.layers:
+            layer.replace(layer.keys[index, :, trim:], layer.values[index, :, trim:])
+        self._pads = [p - trim for p in self._pads]
 
 
 def _index(indices: list[int], device):
@@ -470,13 +461,85 @@ def _pad_id(loaded) -> int:
 
 
 def _check_cache(cache) -> None:
-    from transformers.cache_utils import DynamicLayer
-
-    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
+    layer_cls = _batch_layer_cls()
+    if any(type(layer) is not layer_cls or not layer.is_initialized for layer in cache.layers):
         raise RuntimeError(
-            "this model did not fill a plain DynamicCache, so it cannot share a batch; "
+            "this model did not fill the batch's KV cache, so it cannot share a batch; "
             "set BABL_BATCHING=0 to serve it one request per thread"
         )
+
+
+KV_ROOM_TOKENS = 128  # free columns allocated ahead, so a decode step writes in place
+
+
+@functools.cache
+def _batch_layer_cls():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class BatchLayer(DynamicLayer):
+        """A DynamicLayer that writes into room allocated ahead instead of concatenating every step.
+
+        `DynamicLayer.update` copies the whole layer (torch.cat) for each new token: measured 19 % of a
+        decode step for 8 rows of ~100 tokens on the 105M Llama on CPU. Here `keys`/`values` are views
+        of the first `length` columns of a larger buffer; a step writes one column; the buffer grows by
+        at least KV_ROOM_TOKENS (or a quarter) when full. Rows join, leave and lose padding through
+        `replace()`, which copies once into a fresh buffer.
+        """
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._key_buffer = self._value_buffer = None
+            self.length = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+                self._move_to_new_buffer(self.keys, self.values, like=(key_states, value_states), needed=end)
+            self._key_buffer[:, :, self.length : end] = key_states
+            self._value_buffer[:, :, self.length : end] = value_states
+            self._set_length(end)
+            return self.keys, self.values
+
+        def replace(self, keys, values) -> None:
+            """Hold exactly these keys and values from now on (copied into a fresh buffer)."""
+            self._move_to_new_buffer(keys, values, like=(keys, values), needed=keys.shape[-2])
+            self._set_length(keys.shape[-2])
+
+        def _move_to_new_buffer(self, keys, values, like, needed: int) -> None:
+            """A buffer with room for `needed` columns and more, holding `keys`/`values` at its start."""
+            columns = needed + max(KV_ROOM_TOKENS, needed // 4)
+            buffers = []
+            for kept, model in zip((keys, values), like, strict=True):
+                shape = (*model.shape[:2], columns, model.shape[-1])
+                buffer = torch.empty(shape, dtype=model.dtype, device=model.device)
+                if kept.dim() == 4 and kept.shape[-2]:
+                    buffer[:, :, : kept.shape[-2]] = kept
+                buffers.append(buffer)
+            self._key_buffer, self._value_buffer = buffers
+
+        def _set_length(self, length: int) -> None:
+            self.length = length
+            self.keys = self._key_buffer[:, :, :length]
+            self.values = self._value_buffer[:, :, :length]
+
+        def allocated_bytes(self) -> int:
+            if self._key_buffer is None:
+                return 0
+            return sum(t.numel() * t.element_size() for t in (self._key_buffer, self._value_buffer))
+
+    return BatchLayer
+
+
+def _batch_cache(config):
+    """A DynamicCache whose layers are `BatchLayer`s (the model's layer types were checked before)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_batch_layer_cls()() for _ in cache.layers]
+    return cache
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Many users at once: aggregate tokens/s and time to first chunk at 1, 4 and 8 concurrent requests.
 
-    .venv/bin/python bench/concurrency.py [--repeats 3] [--tokens 128] [--inprocess] [--babl-url URL]
-                                          [--babl-dtype bfloat16 | --babl-quantization nf4] [--tiny]
+    .venv/bin/python bench/concurrency.py [--repeats 3] [--tokens 128] [--threads N] [--inprocess]
+                                          [--babl-url URL] [--babl-dtype bfloat16 | --babl-quantization nf4]
 
 Starts, as children of this process, Babl (`chainlit run app.py` with a temporary catalog holding the
 ~105M random Llama) and `transformers serve DIR --continuous-batching` on the same model directory in
@@ -227,7 +227,14 @@ def main() -> int:
     parser.add_argument("--babl-dtype", default="float32", help="Babl's dtype (stretch: bfloat16)")
     parser.add_argument("--babl-quantization", default="none", help="Babl's quantization (stretch: nf4)")
     parser.add_argument("--tiny", action="store_true", help="the tiny demo-size Llama: a quick smoke run")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads for Babl and serve alike (OMP_NUM_THREADS, BABL_THREADS); "
+        "1 keeps figures stable on a machine other jobs share"
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.threads:
+        # Both servers read these at start; the in-process Babl applies BABL_THREADS when it loads.
+        os.environ["OMP_NUM_THREADS"] = os.environ["BABL_THREADS"] = str(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     servers: list[Server] = []
@@ -329,7 +336,7 @@ def main() -> int:
               f"{drift['max_abs_diff']:.4f}, mean |Δ| {drift['mean_abs_diff']:.5f} (logit std "
               f"{drift['logit_std']:.3f}), top-1 agreement {drift['top1_agreement']:.0%}")  # fmt: skip
     path = write_result("concurrency", {
-        "command": " ".join(sys.argv), "mode": "inprocess" if args.inprocess else "http",
+        "command": " ".join(sys.argv), "mode": "inprocess" if args.inprocess else "http", "threads": args.threads,
         "tokens": args.tokens, "repeats": args.repeats, "babl_dtype": args.babl_dtype,
         "babl_quantization": args.babl_quantization, "summary": summary, "ratios": ratios, "drift": drift,
         "runs": rows,

@@ -99,9 +99,10 @@ def test_causal_models_batch_and_the_rest_keep_the_thread_path(loaded, monkeypat
 
 
 def test_eight_concurrent_streams_equal_sequential_runs(loaded):
-    # Different lengths, so rows leave the batch at different steps; four start late, so they join a
-    # running batch (and get padded against longer rows).
-    lengths = [40, 25, 60, 33, 48, 20, 55, 30]
+    # Four start together; four more join the running batch once it has decoded a few tokens (their
+    # shorter contexts get left-padded); the first four finish first, so the batch then drops rows and
+    # the padding columns nobody needs any more.
+    lengths = [20, 25, 30, 35, 50, 60, 45, 55]
     reference = [raw_generate(loaded, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
     assert len(set(reference)) == 8 and all(len(r) > 10 for r in reference)
     sequential = [
@@ -113,14 +114,23 @@ def test_eight_concurrent_streams_equal_sequential_runs(loaded):
     scheduler = scheduler_for(loaded.model)
     scheduler.peak_rows = 0
     streams = [stream(loaded, p, GenerationParams(max_new_tokens=n, temperature=0)) for p, n in zip(PROMPTS, lengths, strict=True)]  # fmt: skip
-    results = run_concurrently(
-        [lambda s=s: ("".join(s), s) for s in streams], stagger={4: 0.02, 5: 0.03, 6: 0.05, 7: 0.08}
-    )
-    assert [results[i][0] for i in range(8)] == reference
+    running = threading.Semaphore(0)  # released once by each of the first four after 5 chunks
+
+    def consume(i):
+        chunks = []
+        if i >= 4:
+            assert running.acquire(timeout=30)
+        for chunk in streams[i]:
+            chunks.append(chunk)
+            if i < 4 and len(chunks) == 5:
+                running.release()
+        return "".join(chunks)
+
+    results = run_concurrently([lambda i=i: consume(i) for i in range(8)])
+    assert [results[i] for i in range(8)] == reference
     for i in range(8):
-        stats = results[i][1].stats
-        assert stats.completion_tokens == lengths[i] and stats.finish_reason == "length"
-    assert scheduler.status()["peak_rows"] >= 4, "the requests never shared a batch"
+        assert streams[i].stats.completion_tokens == lengths[i] and streams[i].stats.finish_reason == "length"
+    assert scheduler.status()["peak_rows"] == 8, "the late requests did not join the running batch"
     assert scheduler.status()["active_rows"] == 0 and scheduler.status()["kv_cache_mb"] == 0
 
 
