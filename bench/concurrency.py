@@ -274,13 +274,16 @@ def main() -> int:
             server.wait_ready()
             say(f"{server.name} ready on port {server.port}")
 
+        # One event loop for every round, like a server's: its worker threads stay warm between rounds.
+        loop = asyncio.new_event_loop()
+
         def run(target: str, n: int) -> dict:
             sequential = target == "sequential"
             if target == "serve":
-                return asyncio.run(http_round(serve_url, str(model_dir), n, args.tokens, False))
+                return loop.run_until_complete(http_round(serve_url, str(model_dir), n, args.tokens, False))
             if service is not None:
-                return asyncio.run(inprocess_round(service, n, args.tokens, sequential))
-            return asyncio.run(http_round(babl_url, ENTRY, n, args.tokens, sequential))
+                return loop.run_until_complete(inprocess_round(service, n, args.tokens, sequential))
+            return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential))
 
         targets = ["babl", "sequential"] + ([] if args.no_serve else ["serve"])
         for target in targets:  # warm-up: loads the models, first-call kernels
@@ -297,6 +300,7 @@ def main() -> int:
                     rows.setdefault(f"{target}@{n}", []).append(result)
                     say(f"round {rep + 1} {target}@{n}: {result['tok_s']:.1f} tok/s, first chunk "
                         f"p50 {result['first_p50_s'] * 1000:.0f} ms p95 {result['first_p95_s'] * 1000:.0f} ms")  # fmt: skip
+        loop.close()
         rows["sequential@1"] = rows["babl@1"]
         summary = {
             key: {
