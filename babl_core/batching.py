@@ -58,6 +58,10 @@ DEFAULT_MAX_ROWS = 16
 # Prompt tokens prefilled in one forward: several short prompts share a pass over the weights, while a
 # long one is not padded up with others (the running rows wait for every prefill).
 PREFILL_TOKEN_BUDGET = 2048
+# An idle scheduler waits for more requests while they keep arriving less than GATHER_GAP_S apart (at
+# most GATHER_MAX_S), so a burst of users is prefilled in one forward (see `_gather_burst`).
+GATHER_GAP_S = 0.003
+GATHER_MAX_S = 0.015
 
 
 def batching_enabled() -> bool:
@@ -197,6 +201,7 @@ class BatchScheduler:
     def submit(self, row: _Row) -> None:
         with self._cond:
             self._waiting.append(row)
+            self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="babl-batch", daemon=True)
                 self._thread.start()
@@ -232,6 +237,8 @@ class BatchScheduler:
                         self._thread = None
                         self._cache = None
                         return
+                    if not self._rows:
+                        self._gather_burst()
                     admitted = self._admit()
                 try:
                     self._drop_stopped()
@@ -251,6 +258,24 @@ class BatchScheduler:
                     for row in self._rows + admitted:
                         row.finish(exc)
                     self._rows, self._pads, self._cache = [], [], None
+
+    def _gather_burst(self) -> None:
+        """With nothing decoding, let a burst of requests arrive before the first prefill (lock held).
+
+        Measured over HTTP (8 requests sent at once to `chainlit run app.py`): they reach the scheduler
+        within ~9 ms, 0.5-5 ms apart. Prefilling the first alone (90 ms on the 105M Llama, 1 thread)
+        and then the other seven put every first chunk after both prefills; gathering them first costs
+        a lone request at most GATHER_GAP_S.
+        """
+        deadline = time.monotonic() + GATHER_MAX_S
+        while len(self._waiting) < self.rows_limit:
+            seen = len(self._waiting)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(timeout=min(GATHER_GAP_S, remaining))
+            if len(self._waiting) == seen:
+                return  # nobody came within the gap: the burst is over
 
     def _admit(self) -> list[_Row]:
         """Waiting rows that fit now (called with the lock held): room in the batch, prefill budget."""

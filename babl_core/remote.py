@@ -1,7 +1,7 @@
 """Remote generation: catalog entries with `backend: openai` stream from an OpenAI-compatible server.
 
 For users who outgrow one machine (DESIGN.md "Scale"): vLLM, TGI, `transformers serve` or any server
-with `POST {base_url}/chat/completions` and SSE streaming. `RemoteStream` has the interface of a local
+with `POST {base_url}/chat/completions` (and `/completions` for raw prompts) and SSE streaming. `RemoteStream` has the interface of a local
 generation stream (an iterator of text chunks with `stats`, `text` and `cancel()`), so `ChatService`
 serves remote entries through the same path; nothing is loaded here.
 
@@ -61,11 +61,17 @@ def headers(spec) -> dict[str, str]:
     return out
 
 
-def request_body(spec, messages: list[dict], params: GenerationParams) -> tuple[dict, list[str]]:
-    """The chat-completions body for these settings, and notes about settings the API cannot carry."""
-    body: dict = {
-        "model": spec.remote_model,
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+def request_body(
+    spec, messages: list[dict], params: GenerationParams, prompt: str | None = None
+) -> tuple[dict, list[str]]:
+    """The request body for these settings (chat messages, or a raw `prompt` for /completions), and
+    notes about settings the OpenAI API cannot carry."""
+    body: dict = {"model": spec.remote_model}
+    if prompt is None:
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        body["prompt"] = prompt
+    body |= {
         "stream": True,
         "max_tokens": params.max_new_tokens,
         "temperature": params.temperature,
@@ -103,7 +109,7 @@ def describe_http_error(spec, status: int, body: str) -> str:
         return f"{where} refused the request ({status}); {fix}. Server said: {detail}"
     if status == 404:
         return (
-            f"{where} answered 404: it has no model {spec.remote_model!r} or no /chat/completions route. "
+            f"{where} answered 404: it has no model {spec.remote_model!r} or no such route. "
             f"Set remote_model to a name from GET {_url(spec, '/models')}, and base_url to the address that "
             f"ends in /v1. Server said: {detail}"
         )
@@ -116,13 +122,26 @@ def describe_http_error(spec, status: int, body: str) -> str:
 
 
 class RemoteStream:
-    """Chunks of one answer from the remote server; `stats` is complete once iteration ends."""
+    """Chunks of one answer from the remote server; `stats` is complete once iteration ends.
 
-    def __init__(self, spec, messages: list[dict], params: GenerationParams, stop_event=None):
+    With `prompt` the text is continued as is through `POST {base_url}/completions` (the API's raw
+    text completions); otherwise `messages` go to `/chat/completions`.
+    """
+
+    def __init__(
+        self,
+        spec,
+        messages: list[dict],
+        params: GenerationParams,
+        stop_event=None,
+        *,
+        prompt: str | None = None,
+    ):
         self.spec = spec
         self.params = params.validate()
         self.stop_event = stop_event or threading.Event()
-        self.body, self.notes = request_body(spec, messages, self.params)
+        self.route = "/chat/completions" if prompt is None else "/completions"
+        self.body, self.notes = request_body(spec, messages, self.params, prompt)
         self.stats = GenerationStats()
         self.text = ""
         self._started = False
@@ -156,7 +175,7 @@ class RemoteStream:
             with (
                 httpx.Client(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)) as client,
                 client.stream(
-                    "POST", _url(spec, "/chat/completions"), json=self.body, headers=request_headers
+                    "POST", _url(spec, self.route), json=self.body, headers=request_headers
                 ) as response,
             ):
                 if response.status_code != 200:
@@ -177,7 +196,7 @@ class RemoteStream:
                         self.stats.prompt_tokens = usage.get("prompt_tokens", self.stats.prompt_tokens)
                         self.stats.completion_tokens = usage.get("completion_tokens", chunks)
                     for choice in event.get("choices") or []:
-                        content = (choice.get("delta") or {}).get("content") or ""
+                        content = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                         if content:
                             chunks += 1
                             if not usage:

@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -129,7 +130,7 @@ async def http_round(url: str, model: str, n: int, tokens: int, sequential: bool
 
     bodies = [
         {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0,
-         "stream": True}
+         "stream": True, "stream_options": {"include_usage": True}}
         for i in range(n)
     ]  # fmt: skip
     headers = (
@@ -236,6 +237,8 @@ def main() -> int:
         # Both servers read these at start; the in-process Babl applies BABL_THREADS when it loads.
         os.environ["OMP_NUM_THREADS"] = os.environ["BABL_THREADS"] = str(args.threads)
 
+    # A TERM (e.g. from a CI timeout) unwinds through `finally`, so the servers and temp files go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     servers: list[Server] = []
     try:
@@ -300,6 +303,7 @@ def main() -> int:
                     rows.setdefault(f"{target}@{n}", []).append(result)
                     say(f"round {rep + 1} {target}@{n}: {result['tok_s']:.1f} tok/s, first chunk "
                         f"p50 {result['first_p50_s'] * 1000:.0f} ms p95 {result['first_p95_s'] * 1000:.0f} ms")  # fmt: skip
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         rows["sequential@1"] = rows["babl@1"]
         summary = {

@@ -167,6 +167,22 @@ def test_stop_button_and_stop_strings_on_a_remote_answer(serve_url, make_service
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_a_raw_prompt_goes_to_the_text_completions_route(serve_url, make_service):
+    from babl_core.generation import generate_text
+
+    url, model = serve_url
+    service = make_service(remote_entry("remote-html", url, model))
+    params = GenerationParams(max_new_tokens=25, temperature=0)
+    remote = RemoteStream(service.spec("remote-html"), [], params, prompt="<body><h1>")
+    assert remote.route == "/completions"
+    text = "".join(remote)
+    with service.cache.lease(service.spec("demo-html")) as loaded:
+        assert text == generate_text(loaded, "<body><h1>", params) and text
+    assert remote.stats.completion_tokens == 25 and remote.stats.finish_reason == "length"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_unknown_remote_model_names_the_field(serve_url, make_service):
     url, _ = serve_url
     service = make_service(remote_entry("remote-bad", url, "no-such-model"))
