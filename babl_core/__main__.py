@@ -180,7 +180,7 @@ def _wanted(name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    """Ask a running Babl server for its status (loaded bases, memory, active generations, queue)."""
+    """Show a running server's status: loaded bases, adapters, memory, batches, active generations, queue."""
     import urllib.error
     import urllib.request
 
@@ -195,7 +195,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         _err(f"no Babl server answered at {url} ({exc}); start one with `make run`, or pass --url")
         return EXIT_FAILED
-    print(json.dumps(data, indent=2))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        from babl_core.chat import format_status
+
+        print(format_status(data))
     return EXIT_OK
 
 
@@ -257,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show a running server's status", description=cmd_status.__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON instead of a summary")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("adduser", help="add a login to a users file", description=cmd_adduser.__doc__)

@@ -277,8 +277,16 @@ class ModelCache:
 
     # ---------------------------------------------------------------------------------------------
     def status(self) -> dict:
-        """Loaded bases, their adapters, memory, active generations and the wait queue."""
+        """Loaded bases, their adapters, memory, active generations, batches and the wait queues.
+
+        `queue` counts every request that waits: for a model to load (`waiting_for_load`) and for a
+        row in its base's batch (`waiting_to_join`). Each base's `batch` is its scheduler's status
+        (rows decoding now, waiting, KV-cache MB), or None before its first batched answer.
+        """
+        from babl_core.batching import scheduler_status
+
         with self._cond:
+            entries = [(e, e.loaded.model if e.loaded else None) for e in self._entries.values()]
             bases = [
                 {
                     "base": e.key[0],
@@ -292,16 +300,24 @@ class ModelCache:
                     "idle_s": round(time.monotonic() - e.last_used, 1),
                     "description": e.loaded.describe() if e.loaded else "",
                 }
-                for e in self._entries.values()
+                for e, _ in entries
             ]
-            return {
-                "bases": bases,
-                "max_models": self.max_models,
-                "memory_budget_mb": round(self.memory_bytes / 1e6, 1) if self.memory_bytes else None,
-                "memory_mb": round(sum(b["memory_mb"] for b in bases), 1),
-                "active_generations": sum(b["active_generations"] for b in bases),
-                "queue": self._waiting,
-            }
+            waiting_for_load = self._waiting
+        # Outside the lock: a scheduler's status takes its own lock, never ours.
+        for base, (_, model) in zip(bases, entries, strict=True):
+            base["batch"] = scheduler_status(model) if model is not None else None
+        waiting_to_join = sum(b["batch"]["waiting"] for b in bases if b["batch"])
+        return {
+            "bases": bases,
+            "max_models": self.max_models,
+            "memory_budget_mb": round(self.memory_bytes / 1e6, 1) if self.memory_bytes else None,
+            "memory_mb": round(sum(b["memory_mb"] for b in bases), 1),
+            "kv_cache_mb": round(sum(b["batch"]["kv_cache_mb"] for b in bases if b["batch"]), 2),
+            "active_generations": sum(b["active_generations"] for b in bases),
+            "queue": waiting_for_load + waiting_to_join,
+            "waiting_for_load": waiting_for_load,
+            "waiting_to_join": waiting_to_join,
+        }
 
     def is_loaded(self, spec: ModelSpec) -> bool:
         with self._cond:

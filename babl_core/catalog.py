@@ -389,6 +389,11 @@ def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
 def availability(spec: ModelSpec) -> Availability:
     """One word (local, cached, downloadable, needs-training, unavailable) and a reason."""
     if spec.backend == "openai":
+        from babl_core.remote import probe
+
+        problem = probe(spec)
+        if problem:
+            return Availability("unavailable", problem)
         return Availability("local", f"served by the OpenAI-compatible server at {spec.base_url}")
     if spec.requires_adapter and spec.adapter and looks_like_path(spec.adapter):
         adapter_dir = _local_model_dir(spec.adapter)

@@ -21,6 +21,7 @@ from babl_core.generation import GenerationParams, GenerationStats
 from babl_core.generation import stream as default_stream
 from babl_core.loading import LoadedModel, ModelUnavailable
 from babl_core.prompts import Prompt, PromptTooLong, build_prompt, count_tokens, get_style
+from babl_core.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
 SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -115,26 +116,20 @@ class ChatReply:
 
     async def _run(self) -> AsyncIterator[str]:
         service = self.service
-        loop = asyncio.get_running_loop()
-        status = self.on_status
-        loaded: LoadedModel = await _acquire(
-            service.cache,
-            self.spec,
-            use_adapter=self.use_adapter,
-            on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
-        )
-        service._generation_started()
+        remote = self.spec.backend == "openai"
+        loaded: LoadedModel | None = None
+        if not remote:
+            loop = asyncio.get_running_loop()
+            status = self.on_status
+            loaded = await _acquire(
+                service.cache,
+                self.spec,
+                use_adapter=self.use_adapter,
+                on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
+            )
+        service._generation_started(remote=remote)
         try:
-            self.description = loaded.describe()
-            if self.raw:
-                self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
-            else:
-                self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
-            self.notes = list(self.prompt.notes)
-            gen = service.stream_fn(
-                loaded, self.prompt.text, self.params, self.stop_event,
-                add_special_tokens=self.prompt.add_special_tokens,
-            )  # fmt: skip
+            gen = self._start_remote() if remote else self._start_local(loaded)
             self.stats = gen.stats
             async for chunk in _pump(gen, self.stop_event):
                 self.text += chunk
@@ -146,8 +141,9 @@ class ChatReply:
             self.stats.finish_reason = "error"
             raise
         finally:
-            service._generation_finished()
-            await asyncio.to_thread(service.cache.release, loaded)
+            service._generation_finished(remote=remote)
+            if loaded is not None:
+                await asyncio.to_thread(service.cache.release, loaded)
             self.finished = True
             if self.stats.finish_reason is None:  # cancelled from outside (task cancelled, disconnect)
                 self.stats.finish_reason = "cancelled"
@@ -155,6 +151,30 @@ class ChatReply:
                 self.stats.finished_at = time.perf_counter()
             if self.record and self.session is not None and self.stats.finish_reason != "error":
                 self.service._record(self)
+
+    def _start_local(self, loaded: LoadedModel):
+        self.description = loaded.describe()
+        if self.raw:
+            self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
+        else:
+            self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
+        self.notes = list(self.prompt.notes)
+        return self.service.stream_fn(
+            loaded, self.prompt.text, self.params, self.stop_event,
+            add_special_tokens=self.prompt.add_special_tokens,
+        )  # fmt: skip
+
+    def _start_remote(self):
+        """An OpenAI-compatible server answers: the messages go as they are (its chat template renders
+        them, so `prompt` stays None) and nothing is loaded here."""
+        self.description = f"remote: {self.spec.remote_model} at {self.spec.base_url}"
+        # A raw prompt (the API's text completions) is continued as is through the server's /completions.
+        prompt = self.messages[-1]["content"] if self.raw else None
+        gen = self.service.remote_stream_fn(
+            self.spec, self.messages, self.params, self.stop_event, prompt=prompt
+        )
+        self.notes = list(getattr(gen, "notes", []))
+        return gen
 
 
 async def _acquire(cache: ModelCache, spec: ModelSpec, **kwargs) -> LoadedModel:
@@ -282,11 +302,19 @@ def params_for(spec: ModelSpec, settings: dict | None = None, **overrides) -> Ge
 class ChatService:
     """Sessions in, text chunks out: the one path used by the app, the API and the CLI."""
 
-    def __init__(self, catalog: Catalog | None = None, cache: ModelCache | None = None, stream_fn=None):
+    def __init__(
+        self,
+        catalog: Catalog | None = None,
+        cache: ModelCache | None = None,
+        stream_fn=None,
+        remote_stream_fn=None,
+    ):
         self.catalog = catalog or Catalog.load()
         self.cache = cache or ModelCache()
         self.stream_fn = stream_fn or default_stream
+        self.remote_stream_fn = remote_stream_fn or RemoteStream
         self._active = 0
+        self._active_remote = 0
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -295,13 +323,25 @@ class ChatService:
         with self._lock:
             return self._active
 
-    def _generation_started(self) -> None:
+    def _generation_started(self, remote: bool = False) -> None:
         with self._lock:
             self._active += 1
+            self._active_remote += remote
 
-    def _generation_finished(self) -> None:
+    def _generation_finished(self, remote: bool = False) -> None:
         with self._lock:
             self._active -= 1
+            self._active_remote -= remote
+
+    def status(self) -> dict:
+        """What `/v1/status`, `python -m babl_core status` and the chat's `/status` show: loaded bases
+        (adapters, memory, each base's batch: active rows, waiting, KV cache), active generations
+        (local and remote) and the queue (requests waiting for a load or for a row in a batch)."""
+        data = self.cache.status()
+        with self._lock:
+            data["active_generations"] = self._active
+            data["remote_active_generations"] = self._active_remote
+        return data
 
     def _record(self, reply: ChatReply) -> None:
         session = reply.session
@@ -427,6 +467,30 @@ class ChatService:
             await asyncio.to_thread(self.cache.release, loaded)
         session.model_id = spec.id
         return description
+
+
+def format_status(status: dict) -> str:
+    """`ChatService.status()` as a few lines of text (the CLI's `status` and the chat's `/status`)."""
+    bases = status.get("bases", [])
+    budget = f", budget {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""
+    lines = [f"Loaded bases: {len(bases)} of {status.get('max_models', '?')} slots, "
+             f"{status.get('memory_mb', 0):.0f} MB of weights{budget}"]  # fmt: skip
+    for base in bases:
+        lines.append(f"- {base['base']}: {base.get('description') or base['state']} ({base['state']})")
+        if base.get("adapters"):
+            lines.append(f"  adapters: {', '.join(base['adapters'])}")
+        batch = base.get("batch")
+        if batch:
+            lines.append(f"  batch: {batch['active_rows']} of {batch['max_rows']} rows decoding, "
+                         f"{batch['waiting']} waiting, KV cache {batch['kv_cache_mb']:.1f} MB")  # fmt: skip
+    remote = status.get("remote_active_generations", 0)
+    lines.append(
+        f"Active generations: {status.get('active_generations', 0)}"
+        + (f" ({remote} remote)" if remote else "")
+    )
+    lines.append(f"Queue: {status.get('queue', 0)} ({status.get('waiting_for_load', 0)} waiting for a model to load, "
+                 f"{status.get('waiting_to_join', 0)} waiting to join a batch)")  # fmt: skip
+    return "\n".join(lines)
 
 
 async def coalesce(chunks: AsyncIterator[str], max_rate_hz: float = 30.0) -> AsyncIterator[str]:

@@ -1,19 +1,22 @@
 """Streaming generation for causal and seq2seq models: text chunks decoded per token.
 
-`stream(loaded, prompt, params)` runs `model.generate` in a worker thread and yields text as soon as
-each token decodes to printable text. Why not transformers' `TextIteratorStreamer`: it holds text back
-until a space or newline and queues empty strings (ENVIRONMENT.md measured 136 of 201 items empty),
-so the browser saw text in bursts. We decode incrementally per token instead (a window of recent ids,
-emitting only text that can no longer change).
+`stream(loaded, prompt, params)` yields text as soon as each token decodes to printable text. Causal
+models generate in their base's continuous batch (`babl_core.batching`, one scheduler thread per base);
+seq2seq models run `model.generate` in a worker thread per request. Both feed the same consumer
+(`TokenStream`). Why not transformers' `TextIteratorStreamer`: it holds text back until a space or
+newline and queues empty strings (ENVIRONMENT.md measured 136 of 201 items empty), so the browser saw
+text in bursts. We decode incrementally per token instead (a window of recent ids, emitting only text
+that can no longer change).
 
-Sampling is done by our own logits processor with a `torch.Generator` per request, so a seed gives the
-same text whatever else runs in the process (transformers samples from the global RNG). Stop strings
-are matched on the decoded text and never leak into the output; a stop event (the UI's stop button, a
-closed HTTP connection) ends `generate` within one decoding step.
+Sampling uses a `torch.Generator` per request, so a seed gives the same text whatever else runs in the
+process or shares the batch (transformers samples from the global RNG). Stop strings are matched on the
+decoded text and never leak into the output; a stop event (the UI's stop button, a closed HTTP
+connection) ends the generation within one decoding step.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -185,6 +188,42 @@ class StopMatcher:
 # Hooks into transformers' generate
 
 
+def sampling_probs(scores, temperature: float, top_p: float, top_k: int):
+    """Temperature, then top-k, then top-p (nucleus) over `scores` [rows, vocab]; returns probabilities.
+
+    Shared by the per-thread sampler below and the batch scheduler (`babl_core.batching`), so a seed
+    gives the same text on either path.
+    """
+    import torch
+
+    scores = scores.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        remove = cumulative - probs > top_p  # keep the smallest set reaching top_p
+        sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    return torch.softmax(scores, dim=-1)
+
+
+def request_generator(params: GenerationParams, row: int = 0):
+    """The torch.Generator of one sampled sequence (seed + row), or None for greedy decoding.
+
+    Without a seed the request gets a random one, still private to it: nothing samples from torch's
+    global RNG, so no request can shift another's draws.
+    """
+    import torch
+
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed + row)
+
+
 def _seeded_sampler_cls():
     import torch
     from transformers import LogitsProcessor
@@ -203,18 +242,7 @@ def _seeded_sampler_cls():
             self.generators = generators
 
         def __call__(self, input_ids, scores):
-            scores = scores.float() / self.temperature
-            if self.top_k > 0:
-                kth = torch.topk(scores, min(self.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if self.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-                probs = torch.softmax(sorted_scores, dim=-1)
-                cumulative = probs.cumsum(dim=-1)
-                remove = cumulative - probs > self.top_p  # keep the smallest set reaching top_p
-                sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
-                scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-            probs = torch.softmax(scores, dim=-1)
+            probs = sampling_probs(scores, self.temperature, self.top_p, self.top_k)
             picks = [
                 torch.multinomial(probs[i].cpu(), 1, generator=self.generators[i % len(self.generators)])
                 for i in range(probs.shape[0])
@@ -229,12 +257,10 @@ def _seeded_sampler_cls():
 
 def make_sampler(params: GenerationParams, rows: int = 1):
     """A SeededSampler for `rows` sequences, or None for greedy decoding."""
-    import torch
-
     if params.temperature == 0:
         return None
-    seed = params.seed if params.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+    generators = [request_generator(replace(params, seed=seed), i) for i in range(rows)]
     return _seeded_sampler_cls()(params.temperature, params.top_p, params.top_k, generators)
 
 
@@ -296,20 +322,23 @@ def generation_config(loaded, params: GenerationParams):
 # The stream
 
 
-class GenerationStream:
-    """An iterator of text chunks; `stats` is complete once iteration ends; `cancel()` stops early."""
+class TokenStream:
+    """An iterator of text chunks; `stats` is complete once iteration ends; `cancel()` stops early.
+
+    The consumer side shared by both producers: token ids arrive on a queue (one list per decoding
+    step), are decoded incrementally, cut at stop strings, and counted. A producer — a generate()
+    thread (`GenerationStream`) or a row in a batch (`babl_core.batching.BatchedStream`) — puts id
+    lists, then `_END` or the exception that ended it, and watches `_stopped()` between steps.
+    """
 
     def __init__(self, loaded, prompt_ids, params: GenerationParams, stop_event: threading.Event | None):
         self.loaded = loaded
         self.params = params
         self.stop_event = stop_event or threading.Event()
-        self._internal_stop = threading.Event()
+        self._internal_stop = threading.Event()  # a stop string matched, or the consumer went away
         self.stats = GenerationStats(prompt_tokens=int(prompt_ids["input_ids"].shape[-1]))
         self.text = ""
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(
-            target=self._run, args=(prompt_ids,), name="babl-generate", daemon=True
-        )
         self._started = False
         self._done = False
 
@@ -319,33 +348,21 @@ class GenerationStream:
     def _stopped(self) -> bool:
         return self.stop_event.is_set() or self._internal_stop.is_set()
 
-    def _run(self, prompt_ids) -> None:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+    # The producer: subclasses start it, and wait for it to let go of the model when iteration ends.
+    def _start_producer(self) -> None:
+        raise NotImplementedError
 
-        try:
-            sampler = make_sampler(self.params)
-            rows = prompt_ids["input_ids"].shape[0]
-            with torch.inference_mode(), self.loaded.selecting_adapter(rows):
-                self.loaded.model.generate(
-                    **prompt_ids,
-                    generation_config=generation_config(self.loaded, self.params),
-                    logits_processor=LogitsProcessorList([sampler] if sampler else []),
-                    stopping_criteria=StoppingCriteriaList([_stop_criteria(self._stopped)]),
-                    streamer=_QueueStreamer(self._queue),
-                )
-            self._queue.put(_END)
-        except BaseException as exc:  # re-raised in the consumer's thread
-            self._queue.put(exc)
+    def _release_producer(self) -> None:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
-            raise RuntimeError("a GenerationStream can be iterated once")
+            raise RuntimeError("a generation stream can be iterated once")
         self._started = True
         decoder = IncrementalDecoder(self.loaded.tokenizer)
         matcher = StopMatcher(self.params.stop)
-        eos = self._eos_ids()
-        self._thread.start()
+        eos = eos_token_ids(self.loaded)
+        self._start_producer()
         reason = "length"
         try:
             while True:
@@ -376,9 +393,7 @@ class GenerationStream:
                 reason = "cancelled"
             self.stats.finish_reason = self.stats.finish_reason or reason
         finally:
-            if self._thread.is_alive():
-                self._internal_stop.set()
-                self._thread.join(timeout=30)
+            self._release_producer()
             self.stats.finished_at = time.perf_counter()
             self._done = True
 
@@ -388,13 +403,52 @@ class GenerationStream:
         self.text += text
         return text
 
-    def _eos_ids(self) -> set[int]:
-        eos = self.loaded.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.loaded.tokenizer.eos_token_id
-        if eos is None:
-            return set()
-        return set(eos) if isinstance(eos, list) else {eos}
+
+class GenerationStream(TokenStream):
+    """One `model.generate` in its own thread: seq2seq models, and causal ones when batching is off."""
+
+    def __init__(self, loaded, prompt_ids, params: GenerationParams, stop_event: threading.Event | None):
+        super().__init__(loaded, prompt_ids, params, stop_event)
+        self._thread = threading.Thread(
+            target=self._run, args=(prompt_ids,), name="babl-generate", daemon=True
+        )
+
+    def _start_producer(self) -> None:
+        self._thread.start()
+
+    def _release_producer(self) -> None:
+        if self._thread.is_alive():
+            self._internal_stop.set()
+            self._thread.join(timeout=30)
+
+    def _run(self, prompt_ids) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        try:
+            sampler = make_sampler(self.params)
+            rows = prompt_ids["input_ids"].shape[0]
+            with torch.inference_mode(), self.loaded.selecting_adapter(rows):
+                self.loaded.model.generate(
+                    **prompt_ids,
+                    generation_config=generation_config(self.loaded, self.params),
+                    logits_processor=LogitsProcessorList([sampler] if sampler else []),
+                    stopping_criteria=StoppingCriteriaList([_stop_criteria(self._stopped)]),
+                    streamer=_QueueStreamer(self._queue),
+                )
+            self._queue.put(_END)
+        except BaseException as exc:  # re-raised in the consumer's thread
+            self._queue.put(exc)
+
+
+def eos_token_ids(loaded) -> set[int]:
+    """The ids that end an answer: the model's generation config, else the tokenizer's."""
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}
 
 
 def encode_prompt(loaded, prompt: str, add_special_tokens: bool = True) -> dict:
@@ -410,8 +464,12 @@ def stream(
     stop_event: threading.Event | None = None,
     *,
     add_special_tokens: bool = True,
-) -> GenerationStream:
+) -> TokenStream:
     """Start streaming `prompt` through `loaded` (a LoadedModel); iterate the result for text chunks.
+
+    Causal models join the continuous batch of their base (`babl_core.batching`), so concurrent
+    requests share each decoding step; seq2seq models, models the scheduler cannot batch, and every
+    model when `BABL_BATCHING=0` run one generate() per request in a thread.
 
     Args:
         loaded: the model, tokenizer and adapter selection (see `babl_core.loading`).
@@ -421,7 +479,14 @@ def stream(
         add_special_tokens: False when the prompt text already carries BOS (chat templates).
     """
     params = (params or GenerationParams()).validate()
-    return GenerationStream(loaded, encode_prompt(loaded, prompt, add_special_tokens), params, stop_event)
+    encoded = encode_prompt(loaded, prompt, add_special_tokens)
+    if loaded.kind == "causal":
+        from babl_core.batching import batched_stream
+
+        batched = batched_stream(loaded, encoded, params, stop_event)
+        if batched is not None:
+            return batched
+    return GenerationStream(loaded, encoded, params, stop_event)
 
 
 def generate_text(loaded, prompt: str, params: GenerationParams | None = None, **kwargs) -> str:

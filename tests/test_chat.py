@@ -299,3 +299,58 @@ def test_cancel_while_the_model_loads_gives_the_lease_back(models_dir):
     assert status["bases"] and status["bases"][0]["state"] == "ready"
     assert status["active_generations"] == 0  # an orphaned lease would keep the base busy forever
     assert service.active_generations == 0
+
+
+def test_status_shows_bases_batches_generations_and_queue(service, capsys):
+    """ChatService.status() while two sessions stream on one base; the CLI prints the same summary."""
+    import http.server
+    import json
+
+    from babl_core.__main__ import main
+    from babl_core.chat import format_status
+
+    settings = {"temperature": 0, "max_new_tokens": 300}
+    sessions = [ChatSession(model_id="demo-html", settings=settings) for _ in range(2)]
+
+    async def go():
+        replies = [service.respond(s, "A pricing table") for s in sessions]
+        seen = []
+
+        async def consume(reply):
+            async for _ in reply:
+                seen.append(service.status())
+
+        await asyncio.gather(*(consume(r) for r in replies))
+        return seen
+
+    seen = run(go())
+    busiest = max(seen, key=lambda s: s["bases"][0]["batch"]["active_rows"] if s["bases"][0]["batch"] else 0)
+    assert busiest["active_generations"] == 2 and busiest["remote_active_generations"] == 0
+    assert busiest["bases"][0]["batch"]["active_rows"] == 2 and busiest["bases"][0]["memory_mb"] > 0
+    assert busiest["queue"] == 0 and service.status()["active_generations"] == 0
+    text = format_status(busiest)
+    assert "Loaded bases: 1 of 3 slots" in text and "batch: 2 of 16 rows decoding" in text
+    assert "Active generations: 2" in text and "Queue: 0" in text
+
+    class StatusHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(busiest).encode()
+            self.send_response(200 if self.path == "/v1/status" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StatusHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["status", "--url", url]) == 0
+        assert capsys.readouterr().out.strip() == text
+        assert main(["status", "--url", url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["bases"][0]["batch"]["active_rows"] == 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -130,7 +130,8 @@ def test_errors_in_the_generation_thread_reach_the_caller(causal, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(causal.model, "generate", boom)
+    # forward, not generate: causal models decode in the batch scheduler, which calls the model itself.
+    monkeypatch.setattr(causal.model, "forward", boom)
     gen = stream(causal, "hi", GenerationParams(max_new_tokens=5, temperature=0))
     with pytest.raises(GenerationError, match="out of memory"):
         list(gen)
