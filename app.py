@@ -251,10 +251,8 @@ async def update_settings(values: dict) -> None:
 async def answer(message: cl.Message) -> None:
     svc = service()
     if chat_ui.is_status_command(message.command, message.content):
-        status = await asyncio.to_thread(svc.cache.status)
-        await cl.Message(
-            content=chat_ui.status_markdown(status, svc.active_generations), author="Babl"
-        ).send()
+        status = await asyncio.to_thread(svc.status)
+        await cl.Message(content=chat_ui.status_markdown(status), author="Babl").send()
         return
     if chat_ui.is_command(chat_ui.EXPORT_COMMAND, message.command, message.content):
         await _export(_state())

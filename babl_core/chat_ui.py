@@ -511,13 +511,25 @@ def error_text(exc: BaseException) -> str:
     return f"A setting is not valid: {exc}. Change it in the settings."
 
 
-def status_markdown(status: dict, active_generations: int) -> str:
-    """`/status`: the cache's loaded bases and the service's running answers, as a small table."""
+def status_markdown(status: dict, active_generations: int | None = None) -> str:
+    """`/status`: `ChatService.status()` (loaded bases, adapters, memory, batches, running answers and
+    the queue) as a small table. `active_generations` overrides the status's own count."""
+    running = status.get("active_generations", 0) if active_generations is None else active_generations
+    remote = status.get("remote_active_generations", 0)
+    queue = status.get("queue", 0)
     lines = [
-        f"**Running answers:** {active_generations} · **waiting for a model:** {status.get('queue', 0)} · "
-        f"**models loaded:** {len(status.get('bases', []))} of {status.get('max_models')} · "
+        f"**Running answers:** {running}"
+        + (f" ({remote} remote)" if remote else "")
+        + f" · **waiting:** {queue}"
+        + (
+            f" ({status.get('waiting_for_load', 0)} for a model, {status.get('waiting_to_join', 0)} for a batch row)"
+            if queue
+            else ""
+        )
+        + f" · **models loaded:** {len(status.get('bases', []))} of {status.get('max_models')} · "
         f"**memory:** {status.get('memory_mb', 0):.0f} MB"
-        + (f" of {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""),
+        + (f" of {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else "")
+        + (f" + {status['kv_cache_mb']:.1f} MB KV cache" if status.get("kv_cache_mb") else ""),
     ]
     bases = status.get("bases", [])
     if not bases:
@@ -525,14 +537,20 @@ def status_markdown(status: dict, active_generations: int) -> str:
         return "\n".join(lines)
     lines += [
         "",
-        "| base | state | memory | adapters | running | idle | loaded as |",
-        "|---|---|---:|---|---:|---:|---|",
+        "| base | state | memory | adapters | running | batch | idle | loaded as |",
+        "|---|---|---:|---|---:|---|---:|---|",
     ]
     for base in bases:
         adapters = ", ".join(base.get("adapters", [])) or "—"
+        batch = base.get("batch")
+        rows = (
+            f"{batch['active_rows']} of {batch['max_rows']} rows, {batch['waiting']} waiting"
+            if batch
+            else "—"
+        )
         lines.append(
             f"| {_cell(base['base'])} | {base['state']} | {base['memory_mb']:.0f} MB | {_cell(adapters)} | "
-            f"{base['active_generations']} | {base['idle_s']:.0f} s | {_cell(base.get('description', ''))} |"
+            f"{base['active_generations']} | {rows} | {base['idle_s']:.0f} s | {_cell(base.get('description', ''))} |"
         )
     return "\n".join(lines)
 

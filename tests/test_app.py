@@ -531,6 +531,7 @@ def test_status_command_shows_loaded_models(app_module, svc):
     tab = run(go())
     table = tab.last_answer()["output"]
     assert "**Running answers:** 0" in table and "| ready |" in table and "demo-html" in table
+    assert "| 0 of 16 rows, 0 waiting |" in table  # the answer went through the base's batch scheduler
     assert len(state_of(tab).chat.messages) == 2  # not a turn
 
 
