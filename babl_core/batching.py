@@ -58,9 +58,10 @@ DEFAULT_MAX_ROWS = 16
 # Prompt tokens prefilled in one forward: several short prompts share a pass over the weights, while a
 # long one is not padded up with others (the running rows wait for every prefill).
 PREFILL_TOKEN_BUDGET = 2048
-# An idle scheduler waits for more requests while they keep arriving less than GATHER_GAP_S apart (at
-# most GATHER_MAX_S), so a burst of users is prefilled in one forward (see `_gather_burst`).
-GATHER_GAP_S = 0.003
+# An idle scheduler may wait for more requests while they keep arriving less than GATHER_GAP_S apart (at
+# most GATHER_MAX_S), so a burst of users is prefilled in one forward (see `_gather_burst`). The gap is 0
+# (take what is queued, wait for nothing): measured, a wait no longer pays (see `_gather_burst`).
+GATHER_GAP_S = 0.0
 GATHER_MAX_S = 0.015
 
 
@@ -263,9 +264,14 @@ class BatchScheduler:
         """With nothing decoding, let a burst of requests arrive before the first prefill (lock held).
 
         Measured over HTTP (8 requests sent at once to `chainlit run app.py`): they reach the scheduler
-        within ~9 ms, 0.5-5 ms apart. Prefilling the first alone (90 ms on the 105M Llama, 1 thread)
-        and then the other seven put every first chunk after both prefills; gathering them first costs
-        a lone request at most GATHER_GAP_S.
+        within ~9 ms, 0.5-5 ms apart. With one torch thread, prefilling the first alone (90 ms on the
+        105M Llama) and then the other seven put every first chunk after both prefills, so a 3 ms gap
+        was worth waiting for. With both cores (and loads kept off long-lived threads, see
+        `devices.in_passing_thread`) the burst's p95 first chunk is the same without the wait (205 vs
+        198 ms, `bench/concurrency.py`), since requests that arrive during a prefill are prefilled
+        before the next decode step, while the wait cost every lone request 3 ms (first chunk 1.28x
+        raw prefill instead of 1.14x, `bench/stream.py`). So the gap is 0: the lock is released once
+        and whatever is queued by then joins.
         """
         deadline = time.monotonic() + GATHER_MAX_S
         while len(self._waiting) < self.rows_limit:

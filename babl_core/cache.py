@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from babl_core import settings
 from babl_core.catalog import ModelSpec, hub_cached_dir, looks_like_path
+from babl_core.devices import in_passing_thread
 from babl_core.loading import LoadedModel, LoadPlan, attach_adapter, load_base, plan_load
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class ModelCache:
             with self._cond:
                 while entry.active > 0:
                     wait(f"waiting for running answers on {spec.base} before adding adapter {ref}")
-            view = self._adapter_loader(entry.loaded, ref)
+            view = in_passing_thread(self._adapter_loader, entry.loaded, ref)
             with self._cond:
                 entry.loaded.model = view.model  # the first adapter wraps the base in a PeftModel
                 entry.loaded.footprint_bytes = view.footprint_bytes
@@ -193,7 +194,7 @@ class ModelCache:
 
     def _load(self, entry: _Entry, spec: ModelSpec, plan: LoadPlan) -> None:
         try:
-            loaded = self._loader(spec, plan)
+            loaded = in_passing_thread(self._loader, spec, plan)  # why: devices.in_passing_thread
         except BaseException:
             with self._cond:
                 self._entries.pop(entry.key, None)

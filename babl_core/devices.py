@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -61,3 +66,33 @@ def apply_thread_setting() -> None:
             raise ValueError(f"BABL_THREADS={value!r} is not valid; use a whole number ≥ 1, e.g. 2") from None
         torch.set_num_threads(threads)
     _threads_applied = True
+
+
+def in_passing_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` in a new thread that ends when it returns; its result or exception here.
+
+    Why: torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of worker threads for every
+    thread that ever ran a parallel region, for as long as that thread lives. While such an idle pool
+    exists, another thread's parallel regions are much slower: on the 2-core dev machine the 105M
+    random Llama decodes at 47 tok/s in a worker thread alone and at 30 tok/s once any other live
+    thread has run one 512×512 matmul (`OMP_WAIT_POLICY` and `GOMP_SPINCOUNT` do not help). Loads and
+    adapter attaches compute (weight copies, quantization) in whichever thread calls them — usually a
+    long-lived asyncio executor thread or the main thread — so they run here instead, and only the
+    threads that generate (a batch scheduler, a request's generate thread) hold a pool while they work.
+    """
+    result: list = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    # A daemon, so Ctrl-C during a CLI load exits at once instead of waiting for the load to finish.
+    worker = threading.Thread(target=run, name=f"babl-{getattr(fn, '__name__', 'work')}", daemon=True)
+    worker.start()
+    worker.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -20,7 +20,7 @@ from typing import Any
 
 from babl_core import settings
 from babl_core.catalog import ModelSpec, availability, detect_kind, is_offline, looks_like_path
-from babl_core.devices import apply_thread_setting, resolve_device
+from babl_core.devices import apply_thread_setting, in_passing_thread, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -371,11 +371,18 @@ def install_adapter_selector(model) -> None:
 
 
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
-    """Base plus the entry's adapter, uncached (the CLI and tests; the app goes through ModelCache)."""
-    loaded = load_base(spec, plan_load(spec, device))
-    if spec.adapter:
-        loaded = attach_adapter(loaded, spec.adapter)
-    return loaded
+    """Base plus the entry's adapter, uncached (the CLI and tests; the app goes through ModelCache).
+
+    Loaded in a thread that ends afterwards, so the caller's thread keeps no OpenMP pool that would
+    slow the threads that generate (`devices.in_passing_thread`)."""
+
+    def load() -> LoadedModel:
+        loaded = load_base(spec, plan_load(spec, device))
+        if spec.adapter:
+            loaded = attach_adapter(loaded, spec.adapter)
+        return loaded
+
+    return in_passing_thread(load)
 
 
 def release(loaded: LoadedModel) -> None:

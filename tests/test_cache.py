@@ -157,3 +157,31 @@ def test_bad_budget_settings_name_the_variable(monkeypatch):
     monkeypatch.setenv("BABL_MEMORY_GB", "-1")
     with pytest.raises(ValueError, match="BABL_MEMORY_GB"):
         ModelCache()
+
+
+def test_loads_and_adapter_attaches_run_in_a_thread_that_ends(html_adapters):
+    """A load computes (weight copies, quantization); in the caller's long-lived thread it would leave an
+    OpenMP pool that slows the generating threads (devices.in_passing_thread), so it runs elsewhere."""
+    from babl_core.loading import attach_adapter
+
+    seen = []
+
+    def loader(s, plan):
+        seen.append(threading.current_thread())
+        return load_base(s, plan)
+
+    def adapter_loader(loaded, ref):
+        seen.append(threading.current_thread())
+        return attach_adapter(loaded, ref)
+
+    cache = ModelCache(max_models=1, loader=loader, adapter_loader=adapter_loader)
+    with cache.lease(spec("a", adapter=str(html_adapters["ad-a"]))):
+        pass
+    assert len(seen) == 2
+    assert all(t is not threading.current_thread() and not t.is_alive() for t in seen)
+
+    def failing(s, plan):
+        raise FileNotFoundError("no weights here")
+
+    with pytest.raises(FileNotFoundError, match="no weights here"):  # errors reach the caller as they were
+        ModelCache(loader=failing).acquire(spec("b"))
