@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 from babl_core import settings
@@ -146,6 +147,37 @@ def final_evaluation(trainer) -> dict:
     if last is not None and last.get("step") == trainer.state.global_step:
         return last
     return trainer.evaluate()
+
+
+def train_and_evaluate(trainer, config: FinetuneConfig, checkpoint_dir) -> tuple:
+    """`trainer.train()` — from the last complete checkpoint with `--resume` — then the final eval
+    metrics ({} without an eval set). Returns (the trainer's TrainOutput, eval metrics)."""
+    from finetune import outputs
+
+    resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_eval = final_evaluation(trainer) if trainer.eval_dataset is not None else {}
+    return result, final_eval
+
+
+def run_metrics(trainer, result, final_eval: dict, data, *, trainable: int, total: int, device: str,
+                started: float, **recipe_fields) -> dict:  # fmt: skip
+    """The metrics `babl.json` records for a run; `recipe_fields` (a recipe's own) go before the device."""
+    return {
+        "train_loss": round(result.training_loss, 6),
+        "eval_loss": round(final_eval["eval_loss"], 6) if "eval_loss" in final_eval else None,
+        "steps": result.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "train_examples": len(data.train.rows),
+        "eval_examples": len(data.eval.rows) if data.eval else 0,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        **recipe_fields,
+        "device": device,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def quiet_training_noise() -> None:

@@ -206,3 +206,25 @@ def finish_checkpoint_dir(config: FinetuneConfig) -> None:
     path = config.checkpoint_path()
     if is_main_process() and not config.train.keep_checkpoints and path.exists():
         shutil.rmtree(path)
+
+
+def save_and_publish(trainer, config: FinetuneConfig, metrics: dict, save, *, what: str = "adapter"):
+    """Save the trained model and publish it; every process must call this, only the main one writes.
+
+    `save(unwrapped_model, staging_dir, state_dict)` writes the files. Returns the recipe's TrainResult
+    (output_dir None outside the main process).
+    """
+    from finetune.recipes import TrainResult
+
+    # Other processes may still be writing their part of the last checkpoint (their RNG state), which the
+    # main process deletes once the model is published.
+    trainer.accelerator.wait_for_everyone()
+    staging = staging_dir(config)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective step under FSDP
+    output_dir = None
+    if trainer.is_world_process_zero():
+        save(trainer.accelerator.unwrap_model(trainer.model), staging, state_dict)
+        output_dir = publish(config, staging, metrics=metrics, log_history=trainer.state.log_history)
+        finish_checkpoint_dir(config)
+        log.info("%s saved to %s", what, settings.portable_path(output_dir))
+    return TrainResult(output_dir=output_dir, metrics=metrics, log_history=list(trainer.state.log_history))

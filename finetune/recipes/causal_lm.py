@@ -31,7 +31,6 @@ def train(config: FinetuneConfig) -> TrainResult:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from babl_core import settings
     from babl_core.loading import load_base, plan_load
     from finetune import factories, outputs
     from finetune.data import IGNORE_INDEX, prepare_data
@@ -100,37 +99,16 @@ def train(config: FinetuneConfig) -> TrainResult:
         trainer = Trainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
         )
-    resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
-    if resume_from is not None:
-        log.info("resuming from %s", resume_from)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final_eval = factories.final_evaluation(trainer) if eval_set is not None else {}
+    result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir)
 
     # --- 5. save: every process takes part, the main one writes -------------------------------------------
-    metrics = {
-        "train_loss": round(result.training_loss, 6),
-        "eval_loss": round(final_eval["eval_loss"], 6) if "eval_loss" in final_eval else None,
-        "steps": result.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 3),
-        "train_examples": len(data.train.rows),
-        "eval_examples": eval_rows,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "quantization": loaded.plan.quantization,
-        "device": loaded.plan.device,
-        "train_seconds": round(time.perf_counter() - started, 1),
-    }
-    # Other processes may still be writing their part of the last checkpoint (their RNG state), which the
-    # main process deletes once the adapter is published.
-    trainer.accelerator.wait_for_everyone()
-    staging = outputs.staging_dir(config)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective step under FSDP
-    output_dir = None
-    if trainer.is_world_process_zero():
+    metrics = factories.run_metrics(
+        trainer, result, final_eval, data, trainable=trainable, total=total, device=loaded.plan.device,
+        started=started, quantization=loaded.plan.quantization,
+    )  # fmt: skip
+
+    def save(unwrapped, staging, state_dict) -> None:
         # LoRA weights only: PEFT would also copy the (unchanged) embeddings when lm_head is adapted.
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         unwrapped.save_pretrained(staging, state_dict=state_dict, save_embedding_layers=False)
-        output_dir = outputs.publish(config, staging, metrics=metrics, log_history=trainer.state.log_history)
-        outputs.finish_checkpoint_dir(config)
-        log.info("adapter saved to %s", settings.portable_path(output_dir))
-    return TrainResult(output_dir=output_dir, metrics=metrics, log_history=list(trainer.state.log_history))
+
+    return outputs.save_and_publish(trainer, config, metrics, save)
