@@ -470,7 +470,8 @@ class ChatService:
 
 
 def format_status(status: dict) -> str:
-    """`ChatService.status()` as a few lines of text (the CLI's `status` and the chat's `/status`)."""
+    """`ChatService.status()` as a few lines of text (the CLI's `status`; the chat's `/status` shows the
+    same as a table, `chat_ui.status_markdown`)."""
     bases = status.get("bases", [])
     budget = f", budget {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""
     lines = [f"Loaded bases: {len(bases)} of {status.get('max_models', '?')} slots, "

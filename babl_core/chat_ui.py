@@ -511,10 +511,10 @@ def error_text(exc: BaseException) -> str:
     return f"A setting is not valid: {exc}. Change it in the settings."
 
 
-def status_markdown(status: dict, active_generations: int | None = None) -> str:
+def status_markdown(status: dict) -> str:
     """`/status`: `ChatService.status()` (loaded bases, adapters, memory, batches, running answers and
-    the queue) as a small table. `active_generations` overrides the status's own count."""
-    running = status.get("active_generations", 0) if active_generations is None else active_generations
+    the queue) as a small table; `chat.format_status` is the same for a terminal."""
+    running = status.get("active_generations", 0)
     remote = status.get("remote_active_generations", 0)
     queue = status.get("queue", 0)
     lines = [

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -47,6 +46,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from babl_core import chat_ui, settings
 from babl_core.chat import ChatReply, ChatSession
+from babl_core.devices import in_passing_thread
 from babl_core.render import DOWNLOAD_MIME, download_name, format_answer
 
 log = logging.getLogger("babl.history")
@@ -292,25 +292,14 @@ def prepare_database(url: str | None = None) -> list[str]:
     dialect = dialect_of(url)
     if dialect == "sqlite" and (path := _sqlite_path(url)) is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["added"] = asyncio.run(_prepare(url, dialect))
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name="babl-history-schema")
-    worker.start()
-    worker.join()
-    if "error" in outcome:
-        exc = outcome["error"]
+    try:
+        added = in_passing_thread(asyncio.run, _prepare(url, dialect))
+    except (Exception, asyncio.CancelledError) as exc:  # the worker's failure (a cancelled loop too)
         raise HistoryUnavailable(
             f"The history database {shown_url(url)} ({DB_URL_ENV}) cannot be used: "
             f"{type(exc).__name__}: {exc}. Start that database server, or point {DB_URL_ENV} at one you "
             f"can write to ({SUPPORTED_URLS}); unset it for the default SQLite file in the data directory."
         ) from exc
-    added = outcome["added"]
     if added:
         log.info("History schema upgraded: added %s", ", ".join(added))
     return added

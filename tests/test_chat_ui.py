@@ -277,7 +277,7 @@ def test_status_table():
         ],
         "max_models": 2, "memory_budget_mb": None, "memory_mb": 2.4, "active_generations": 1, "queue": 0,
     }  # fmt: skip
-    text = chat_ui.status_markdown(status, active_generations=1)
+    text = chat_ui.status_markdown(status)
     assert "**Running answers:** 1" in text and "**models loaded:** 1 of 2" in text
     assert "| /m/demo-html | ready | 2 MB | a\\|b | 1 | — | 0 s | float32 on cpu, 2 MB |" in text
     status["bases"][0]["batch"] = {"active_rows": 3, "max_rows": 16, "waiting": 2, "kv_cache_mb": 1.5}
@@ -286,7 +286,7 @@ def test_status_table():
     busy = chat_ui.status_markdown(status)
     assert "**Running answers:** 3 (1 remote)" in busy and "2 (0 for a model, 2 for a batch row)" in busy
     assert "| 3 of 16 rows, 2 waiting |" in busy and "+ 1.5 MB KV cache" in busy
-    empty = chat_ui.status_markdown({"bases": [], "max_models": 2, "memory_mb": 0, "queue": 0}, 0)
+    empty = chat_ui.status_markdown({"bases": [], "max_models": 2, "memory_mb": 0, "queue": 0})
     assert "No model is loaded yet" in empty
 
 
