@@ -31,6 +31,11 @@ run: $(VENV)/.run-deps demo
 
 ## make test [PYTEST_ARGS=...]: lint, then every test (slow and browser tests included), offline.
 test: $(VENV)/.test-deps
+	@command -v bwrap >/dev/null || { \
+	  echo "installing bubblewrap (the pass@k code sandbox)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || echo "could not install bubblewrap: the sandbox tests will say why"; }
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

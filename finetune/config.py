@@ -195,6 +195,11 @@ class EvalArgs:
     eval_temperature: float = setting(
         0.0, "0: greedy answers, repeatable; above 0: sampled (seeded by eval_seed)"
     )
+    eval_unsafe_no_sandbox: bool = setting(
+        False,
+        "pass@k runs generated code in a bubblewrap sandbox and refuses where it cannot start; true runs it "
+        "there WITHOUT one (it can then read and write your files): only for answers you trust",
+    )
 
 
 GROUPS: dict[str, type] = {

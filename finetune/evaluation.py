@@ -366,7 +366,12 @@ def completion_for(problem: dict, code: str) -> str:
 
 
 def score_answers(
-    task: str, examples: list[Example], answers: list[list[str]], *, timeout_s: float = CODE_TIMEOUT_S
+    task: str,
+    examples: list[Example],
+    answers: list[list[str]],
+    *,
+    timeout_s: float = CODE_TIMEOUT_S,
+    unsafe: bool = False,
 ) -> tuple[dict, list[dict], list[str]]:
     """The task metric over the answers; returns (summary, per-example scores, notes).
 
@@ -375,6 +380,7 @@ def score_answers(
         examples: what was asked.
         answers: per example, its answers (several only for pass@k).
         timeout_s: per program, for code tasks.
+        unsafe: run code without the sandbox where it cannot start (`metrics.run_code_tests`).
     """
     from babl_core.render import extract_html
     from finetune import metrics
@@ -410,10 +416,12 @@ def score_answers(
         ]
         n = min(len(c) for c in completions)
         report = metrics.evaluate_code(
-            problems, completions, k=[k for k in PASS_AT if k <= n], timeout_s=timeout_s
+            problems, completions, k=[k for k in PASS_AT if k <= n], timeout_s=timeout_s, unsafe=unsafe
         )
         summary = {key: value for key, value in report.items() if key.startswith("pass@")}
-        summary["network_guard"] = report["network_guard"]
+        summary["sandbox"] = report["sandbox"]
+        if report["sandbox"] == "unsafe":
+            notes.append("the answers' code ran WITHOUT the sandbox (eval_unsafe_no_sandbox)")
         per: list[dict] = [{} for _ in examples]
         for i, problem_report in zip(tested, report["problems"], strict=True):
             per[i] = {
@@ -553,6 +561,14 @@ def run_eval(
             "eval_fraction above 0"
             + (", or use --humaneval" if config.run.task in ("python", "code") else "")
         )
+    runs_code = evaluation.eval_set == "humaneval" or any(row.get("test_list") for row in rows)
+    if config.run.task in ("python", "code") and runs_code:
+        from finetune.metrics import SandboxUnavailable, select_sandbox
+
+        try:  # refuse before loading and generating, not after
+            select_sandbox(evaluation.eval_unsafe_no_sandbox)
+        except SandboxUnavailable as exc:
+            raise EvalError(str(exc)) from None
     own_model = loaded is None
     loaded = loaded or load_target_model(target)
     try:
@@ -587,7 +603,15 @@ def run_eval(
             fitting, answer_fn or model_answer_fn(loaded), params, samples=samples, seed=evaluation.eval_seed
         )
         task_metrics, per_example, score_notes = (
-            score_answers(config.run.task, fitting, answers, timeout_s=timeout_s) if fitting else ({}, [], [])
+            score_answers(
+                config.run.task,
+                fitting,
+                answers,
+                timeout_s=timeout_s,
+                unsafe=evaluation.eval_unsafe_no_sandbox,
+            )
+            if fitting
+            else ({}, [], [])
         )
         notes += score_notes
     finally:
@@ -713,7 +737,7 @@ def format_table(report: EvalReport) -> str:
     rows = [
         (METRIC_LABELS.get(key, key), _format_value(value))
         for key, value in report.metrics.items()
-        if key != "network_guard"
+        if key != "sandbox"
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{report.id} · {report.task} · {where}", f"{'metric':<{width}}  value"]

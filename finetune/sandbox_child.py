@@ -1,13 +1,15 @@
-"""The child side of the code sandbox: runs one program file and writes its outcome as JSON.
+"""The child side of the code sandbox: runs one program and reports its outcome to the evaluator.
 
-`finetune.metrics.run_code_tests` starts this file as a script (`python -I sandbox_child.py ...`)
-inside a temporary directory, with resource limits already set and, where the kernel allows, in a
-network namespace of its own. It imports only the standard library: `-I` keeps the repo and the
-user's site-packages settings off `sys.path`.
+`finetune.metrics.run_code_tests` starts this source with `python -I -c` (inside bubblewrap's
+namespaces, or, only when the user asked for it, unsandboxed). It imports only the standard library.
 
-Usage: `python -I sandbox_child.py PROGRAM RESULT_JSON GUARD` where GUARD is the network guard the
-parent chose; for `audit-hook` this script installs an audit hook that refuses socket and process
-calls before the program runs (the fallback when no network namespace can be made).
+Protocol: `python -I -c SOURCE VERDICT_FD MODE`. The request arrives on stdin as one JSON document
+`{"program": ..., "nonce": ...}`; stdin is then closed. The verdict goes to the pipe VERDICT_FD as one
+JSON line `{"nonce", "status", "detail"}`. The evaluator keeps the pipe's other end outside the
+sandbox and accepts only a line that carries the run's nonce (never on the command line, in the
+environment or in a file), so a program that writes a result file, prints "passed" or writes a made-up
+line to the pipe and exits is not scored as passing. MODE `audit-hook` (the unsafe mode, no
+namespaces) installs an audit hook that refuses socket and process calls before the program runs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BLOCKED_EVENTS = frozenset(
 )
 
 DETAIL_CHARS = 2000
+PROGRAM_FILE = "program.py"  # written to the working directory so tracebacks show the source lines
 
 
 def refuse_network_and_processes(event: str, args: tuple) -> None:
@@ -48,12 +51,10 @@ def refuse_network_and_processes(event: str, args: tuple) -> None:
         raise PermissionError(f"sandbox: {event} is not allowed (network and processes are blocked)")
 
 
-def run(program_path: str) -> tuple[str, str]:
+def run(source: str) -> tuple[str, str]:
     """Run the program as `__main__`; return (status, detail) with status passed/failed/error."""
-    with open(program_path, encoding="utf-8") as handle:
-        source = handle.read()
     try:
-        code = compile(source, "program.py", "exec")
+        code = compile(source, PROGRAM_FILE, "exec")
     except SyntaxError:
         return "error", traceback.format_exc(limit=0)[-DETAIL_CHARS:]
     try:
@@ -67,12 +68,23 @@ def run(program_path: str) -> tuple[str, str]:
 
 
 def main() -> None:
-    program_path, result_path, guard = sys.argv[1:4]
-    if guard == "audit-hook":
+    verdict_fd, mode = int(sys.argv[1]), sys.argv[2]
+    os.set_inheritable(verdict_fd, False)  # processes the program starts do not get the pipe
+    request = json.loads(sys.stdin.buffer.read())
+    nonce, source = request["nonce"], request["program"]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    try:
+        with open(PROGRAM_FILE, "w", encoding="utf-8") as handle:
+            handle.write(source)
+    except OSError:
+        pass  # only the tracebacks' source lines are lost
+    if mode == "audit-hook":
         sys.addaudithook(refuse_network_and_processes)
-    status, detail = run(program_path)
-    with open(result_path, "w", encoding="utf-8") as handle:
-        json.dump({"status": status, "detail": detail}, handle)
+    status, detail = run(source)
+    verdict = json.dumps({"nonce": nonce, "status": status, "detail": detail}) + "\n"
+    os.write(verdict_fd, verdict.encode("utf-8"))
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter shutdown: a program's leftover non-daemon threads or atexit hooks must not

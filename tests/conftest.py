@@ -216,6 +216,17 @@ def postgres_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def bubblewrap() -> None:
+    """The pass@k sandbox can start here: a skip with the reason and the fix, or a failure under
+    BABL_CI_STRICT=1."""
+    from finetune.metrics import sandbox_problem
+
+    problem = sandbox_problem()
+    if problem is not None:
+        skip_or_fail(f"pass@k sandbox: {problem}")
+
+
 @pytest.fixture
 def listening_server():
     """A TCP server on 127.0.0.1 that records every connection it accepts: (port, accepted addresses).

@@ -29,8 +29,8 @@ RUNS = {
 TASK_METRICS = {
     "demo-qa-squad": {"exact_match", "f1"},
     "demo-email-lora": {"rouge1", "rouge2", "rougeL"},
-    "demo-code-mbpp": {"pass@1", "network_guard"},
-    "demo-python-lora": {"pass@1", "network_guard"},  # on HumanEval: the twin's eval_set (rows have no tests)
+    "demo-code-mbpp": {"pass@1", "sandbox"},
+    "demo-python-lora": {"pass@1", "sandbox"},  # on HumanEval: the twin's eval_set (rows have no tests)
     "demo-html-qlora": {"html_valid_fraction"},
     "demo-qa-full": {"exact_match", "f1"},
 }
@@ -375,3 +375,30 @@ def test_eval_errors_name_the_fix(trained, tmp_path, capsys):
     )
     assert main(["eval", "--config", str(never)]) == EXIT_USAGE
     assert "holds no trained model yet; train it first" in capsys.readouterr().err
+
+
+def test_pass_at_k_without_the_sandbox_is_one_line_before_loading_unless_unsafe(trained, capsys, monkeypatch):
+    from finetune import evaluation, metrics
+    from finetune.evaluation import run_eval
+
+    def no_loading(target):
+        raise AssertionError("the model was loaded before the sandbox was checked")
+
+    monkeypatch.setattr(
+        metrics, "sandbox_problem", lambda: "bubblewrap is not installed (apt-get install bubblewrap)"
+    )
+    monkeypatch.setattr(evaluation, "load_target_model", no_loading)
+    assert main(["eval", "--adapter", "demo-python-lora", "--limit", "1"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "bubblewrap is not installed" in err[0] and "--eval_unsafe_no_sandbox true" in err[0]
+    monkeypatch.undo()
+
+    # With the explicit flag the answers are scored, the report says how.
+    monkeypatch.setattr(
+        metrics, "sandbox_problem", lambda: "bubblewrap is not installed (apt-get install bubblewrap)"
+    )
+    target = target_for("demo-python-lora", eval_set="humaneval", eval_limit=1, eval_unsafe_no_sandbox=True)
+    report = run_eval(target, answer_fn=lambda example, params: humaneval_answer(example, whole=False))
+    assert (report.metrics["pass@1"], report.metrics["sandbox"]) == (1.0, "unsafe")
+    assert any("WITHOUT the sandbox" in note for note in report.notes)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
-import re
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from finetune import metrics
 
-SAMPLES = Path(__file__).resolve().parent.parent / "finetune" / "samples"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPO_ROOT / "finetune" / "samples"
 
 
 # --------------------------------------------------------------------------- SQuAD
@@ -121,138 +118,6 @@ def test_pass_at_k_rejects_impossible_k():
         metrics.pass_at_k(2, 1, 3)
     with pytest.raises(ValueError, match="0 <= c <= n"):
         metrics.pass_at_k(2, 3, 1)
-
-
-# --------------------------------------------------------------------------- sandbox
-
-
-def test_passing_failing_and_erroring_programs():
-    assert metrics.run_code_tests("assert sum([1, 2]) == 3").status == "passed"
-    failed = metrics.run_code_tests("assert sum([1, 2]) == 4, 'wrong sum'")
-    assert (failed.passed, failed.status) == (False, "failed")
-    assert "wrong sum" in failed.detail
-    error = metrics.run_code_tests("1 / 0")
-    assert (error.passed, error.status) == (False, "error")
-    assert "ZeroDivisionError" in error.detail
-    assert metrics.run_code_tests("def broken(:\n    pass").status == "error"
-    # Leaving early is not passing, whether politely or not.
-    assert metrics.run_code_tests("raise SystemExit(0)\nassert False").status == "error"
-    assert metrics.run_code_tests("import os\nos._exit(0)\nassert False").status == "error"
-    forged = metrics.run_code_tests("import os, sys\nopen(sys.argv[2], 'w').write('{')\nos._exit(0)")
-    assert (forged.status, forged.detail.split(" (")[0]) == ("error", "unreadable result file")
-
-
-@pytest.mark.parametrize(
-    "program",
-    ["while True:\n    pass\n", "import time\nwhile True:\n    time.sleep(0.05)\n"],
-    ids=["busy", "sleeping"],
-)
-def test_infinite_loop_times_out_in_bounded_time(program):
-    started = time.monotonic()
-    result = metrics.run_code_tests(program, timeout_s=1.0)
-    elapsed = time.monotonic() - started
-    assert (result.passed, result.status) == (False, "timeout")
-    assert elapsed < 4.0
-
-
-def test_timeout_kills_processes_the_program_started():
-    program = (
-        "import subprocess, time\n"
-        "child = subprocess.Popen(['sleep', '60'])\n"
-        "print(child.pid, flush=True)\n"
-        "open('pid.txt', 'w').write(str(child.pid))\n"
-        "raise AssertionError('child pid ' + str(child.pid))\n"
-    )
-    result = metrics.run_code_tests(program, timeout_s=5.0)
-    if result.guard == "audit-hook":
-        # Without a network namespace (unprivileged CI), the fallback refuses to start processes at all.
-        assert result.status == "error"
-        assert "subprocess.Popen is not allowed" in result.detail
-        return
-    assert result.status == "failed"
-    pid = int(re.search(r"child pid (\d+)", result.detail).group(1))
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        except FileNotFoundError:
-            break  # reaped: gone entirely
-        if state == "Z":
-            break  # killed, waiting for PID 1 to reap it
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the program's child {pid} was still running after the sandbox returned")
-
-
-def test_resource_limits_and_environment(monkeypatch):
-    memory = metrics.run_code_tests("block = bytearray(3 * 1024**3)", memory_mb=512)
-    assert memory.status == "error"
-    assert "MemoryError" in memory.detail
-    big_file = metrics.run_code_tests("open('big.bin', 'wb').write(b'x' * (4 * 1024 * 1024))", max_file_mb=1)
-    assert big_file.status == "error"
-    assert "File too large" in big_file.detail
-
-    monkeypatch.setenv("BABL_SECRET_PROBE", "do-not-leak")
-    probe = metrics.run_code_tests(
-        "import json, os\nraise AssertionError('ENV' + json.dumps([os.getcwd(), sorted(os.environ)]))"
-    )
-    cwd, names = json.loads(probe.detail.rsplit("AssertionError: ENV", 1)[1].strip().splitlines()[0])
-    assert "BABL_SECRET_PROBE" not in names
-    assert set(names) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE"}
-    assert Path(cwd).name.startswith("babl-sandbox-")
-    assert not Path(cwd).exists(), "the temporary directory must be removed"
-
-
-@pytest.fixture
-def listening_server(listening_server):
-    """conftest's recording server, after a control connection from this process: "no connection"
-    below then means the sandbox blocked it, not that the server was deaf."""
-    port, accepted = listening_server
-    with socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
-    deadline = time.monotonic() + 2
-    while not accepted and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(accepted) == 1
-    return listening_server
-
-
-# If the connection went through, each program would run to its end and pass.
-CONNECTING_PROGRAMS = {
-    "create_connection": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n",
-    "raw_connect": "import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n",
-    "via_subprocess": (
-        "import subprocess, sys\n"
-        "code = \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\"\n"
-        "subprocess.run([sys.executable, '-c', code], check=True)\n"
-    ),
-}
-
-
-@pytest.mark.parametrize("guard", ["auto", "audit-hook"])
-@pytest.mark.parametrize("how", sorted(CONNECTING_PROGRAMS))
-def test_network_connection_fails_and_never_reaches_server(listening_server, guard, how):
-    port, accepted = listening_server
-    result = metrics.run_code_tests(
-        CONNECTING_PROGRAMS[how].format(port=port), timeout_s=5.0, network_guard=guard
-    )
-    assert not result.passed
-    assert result.status == "error", result.detail
-    time.sleep(0.2)  # give a connection that slipped through time to be accepted
-    assert len(accepted) == 1, f"the sandboxed program reached the server ({result.guard})"
-
-
-def test_audit_hook_is_the_fallback_when_unshare_fails(monkeypatch, caplog):
-    monkeypatch.setattr(metrics, "_unshare_works", lambda guard: False)
-    monkeypatch.setattr(metrics, "_fallback_warned", False)
-    with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
-        assert metrics.select_network_guard("auto") == "audit-hook"
-    assert "audit hook" in caplog.text
-    assert metrics.run_code_tests("assert True").guard == "audit-hook"
-    with pytest.raises(RuntimeError, match="network_guard='auto' or 'audit-hook'"):
-        metrics.select_network_guard("unshare-net")
-    with pytest.raises(ValueError, match="is not one of"):
-        metrics.select_network_guard("none")
 
 
 # --------------------------------------------------------------------------- HumanEval and MBPP
