@@ -73,10 +73,14 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
 
     from babl_core.loading import ModelUnavailable
     from finetune.data import DataError
+    from finetune.outputs import RunInProgress
     from finetune.recipes import run_training
 
     try:
         result = run_training(config)
+    except RunInProgress as exc:
+        _err(str(exc))
+        return EXIT_FAILED
     except DataError as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -46,13 +46,18 @@ def load_rows(data: DataArgs):
     if is_local_dataset(name):
         path = settings.resolve_path(name)
         builder = LOCAL_DATA_SUFFIXES.get(path.suffix.lower())
+        if path.is_file() and _only_whitespace(path):
+            # datasets' JSON reader ends in a bare StopIteration on an empty file.
+            raise DataError(f"dataset: {settings.portable_path(path)} is empty: it has no rows to train on")
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a local file reads in milliseconds: no bar for that
         try:
             if path.is_dir():  # a folder of data files (e.g. parquet shards): datasets picks the builder
                 return datasets.load_dataset(str(path), split="train")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        except (OSError, ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as exc:
+            if "corresponds to no data" in str(exc):  # a CSV with only its header line, for example
+                raise DataError(f"dataset: {settings.portable_path(path)} has no rows to train on") from None
             raise DataError(f"dataset: could not read {settings.portable_path(path)}: {exc}") from exc
         finally:
             if bars:
@@ -65,6 +70,15 @@ def load_rows(data: DataArgs):
             f"from the hub: {exc.__class__.__name__}: {exc}. Check the name and the network, or use a local "
             "file (dataset: path/to/rows.jsonl)"
         ) from exc
+
+
+def _only_whitespace(path, chunk: int = 1 << 16) -> bool:
+    """True when the file holds nothing but whitespace (read until the first other byte)."""
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def resolve_columns(
@@ -302,6 +316,10 @@ def load_split(config: FinetuneConfig) -> SplitRows:
     data = config.data
     style = get_style(config.style_name)
     raw = load_rows(data)
+    if len(raw) == 0:
+        raise DataError(
+            f"dataset {data.dataset}: it has no rows (only a header, or nothing); add examples to it"
+        )
     columns = resolve_columns(style, list(raw.column_names), data.columns, source=data.dataset)
     train_rows, eval_rows = split_rows(
         raw, eval_fraction=data.eval_fraction, seed=config.train.seed,

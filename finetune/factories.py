@@ -7,10 +7,12 @@ for serving (the seeds' nf4 double-quant `BitsAndBytesConfig`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import warnings
+from pathlib import Path
 
 from babl_core import settings
 from babl_core.catalog import ModelSpec
@@ -149,15 +151,103 @@ def final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def train_and_evaluate(trainer, config: FinetuneConfig, checkpoint_dir) -> tuple:
+PROGRESS_FILE = "babl_progress.json"  # in each checkpoint: the run's seconds up to that save
+
+
+def honest_loss_scaling(trainer) -> None:
+    """Make the Trainer's loss bookkeeping match a model whose loss ignores `num_items_in_batch`.
+
+    transformers 5.23 passes `num_items_in_batch` (the token count of the whole optimizer step, summed
+    over processes) to any model whose forward takes `**kwargs`, then trusts the model to divide by
+    it: it skips its own division by gradient_accumulation_steps and, across N processes, multiplies
+    the loss by N (DDP averages the gradients again). T5's forward takes `**kwargs` but returns the
+    plain mean over its own batch, so under `accelerate launch` with N processes every logged loss,
+    the train_loss and the gradients were N times too large (and gradient_accumulation_steps times
+    too large with accumulation). Telling the Trainer that the model does not take the count restores
+    its own averaging. Causal models' losses do use the count and are left alone.
+    """
+    trainer.model_accepts_loss_kwargs = False
+
+
+def _progress_callback(started: float, seconds_before: float):
+    """A callback that writes the run's seconds so far into each checkpoint (main process only)."""
+    from transformers import TrainerCallback
+
+    class RecordProgress(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    seconds = seconds_before + time.perf_counter() - started
+                    (checkpoint / PROGRESS_FILE).write_text(json.dumps({"seconds": seconds}) + "\n")
+
+    return RecordProgress()
+
+
+def _seconds_before(checkpoint) -> float:
+    try:
+        return float(json.loads((Path(checkpoint) / PROGRESS_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0  # a checkpoint written before this file existed: only this session's time is known
+
+
+def whole_run_train_loss(
+    log_history: list[dict], session_loss: float, *, resumed_at: int, steps: int
+) -> float:
+    """The mean training loss over every step of a run that was resumed at step `resumed_at`.
+
+    The Trainer's own `training_loss` covers the steps of this session only. The earlier session's
+    losses come back with the checkpoint's log history (each logged loss is the mean over the steps
+    since the previous log), so they are weighted by those step counts. Steps after the earlier
+    session's last log and before its checkpoint were never logged and are left out.
+    """
+    if resumed_at <= 0:
+        return session_loss
+    total, covered, last = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and last < step <= resumed_at:
+            total += entry["loss"] * (step - last)
+            covered += step - last
+            last = step
+    session_steps = max(steps - resumed_at, 0)
+    if covered + session_steps == 0:
+        return session_loss
+    return (total + session_loss * session_steps) / (covered + session_steps)
+
+
+def train_and_evaluate(
+    trainer, config: FinetuneConfig, checkpoint_dir, *, started: float | None = None
+) -> tuple:
     """`trainer.train()` — from the last complete checkpoint with `--resume` — then the final eval
-    metrics ({} without an eval set). Returns (the trainer's TrainOutput, eval metrics)."""
+    metrics ({} without an eval set). Returns (the trainer's TrainOutput, eval metrics).
+
+    A resumed run's TrainOutput describes the whole run: `training_loss` over the steps of every
+    session (`whole_run_train_loss`), and `metrics["seconds_before_resume"]` the time the sessions
+    before this one spent up to the checkpoint it continues (`run_metrics` adds it to train_seconds).
+    """
     from finetune import outputs
 
+    started = time.perf_counter() if started is None else started
     resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
+    seconds_before = _seconds_before(resume_from) if resume_from is not None else 0.0
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
+    trainer.add_callback(_progress_callback(started, seconds_before))
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None:
+        resumed_at = int(Path(resume_from).name.removeprefix("checkpoint-"))
+        loss = whole_run_train_loss(
+            trainer.state.log_history, result.training_loss, resumed_at=resumed_at, steps=result.global_step
+        )
+        for entry in reversed(trainer.state.log_history):  # trainer_log.json's summary entry says the same
+            if "train_loss" in entry:
+                entry["train_loss"] = loss
+                break
+        result = result._replace(
+            training_loss=loss,
+            metrics={**result.metrics, "train_loss": loss, "seconds_before_resume": seconds_before},
+        )
     final_eval = final_evaluation(trainer) if trainer.eval_dataset is not None else {}
     return result, final_eval
 
@@ -176,7 +266,9 @@ def run_metrics(trainer, result, final_eval: dict, data, *, trainable: int, tota
         "total_parameters": total,
         **recipe_fields,
         "device": device,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": round(
+            time.perf_counter() - started + result.metrics.get("seconds_before_resume", 0.0), 1
+        ),
     }
 
 

@@ -9,6 +9,8 @@ file system) and renamed into place, so the app never lists a half-written adapt
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +35,42 @@ PARTIAL_DIR = ".partial"
 def is_main_process() -> bool:
     """True in a single process, and in the rank-0 process under `accelerate launch` / torchrun."""
     return os.environ.get("RANK", "0") == "0"
+
+
+class RunInProgress(RuntimeError):
+    """Another process is training a run of the same name; `str()` is the one line to show."""
+
+
+@contextlib.contextmanager
+def run_lock(config: FinetuneConfig):
+    """Hold the run name for the length of a training run, or refuse at once if another process holds it.
+
+    Two runs of one name would share the checkpoint folder (the second empties it under the first) and
+    the adapter folder (the second died at the end, after training fully). The lock is an `flock` on
+    models/checkpoints/.<run-name>.lock, which the kernel releases when the process ends however it
+    ends, so a killed run leaves nothing stale. Under `accelerate launch` only the main process takes it.
+    """
+    if not is_main_process():
+        yield
+        return
+    path = settings.models_dir() / "checkpoints" / f".{config.run.run_name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise RunInProgress(
+                f"run {config.run.run_name!r} is already training in another process"
+                + (f" (pid {holder})" if holder.isdigit() else "")
+                + "; wait for it to finish, or give this one another --run_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def portable_base(base: str) -> str:

@@ -22,9 +22,19 @@ class TrainResult:
 
 
 def run_training(config) -> TrainResult:
-    """Train with the recipe for the config's model kind (causal or seq2seq)."""
-    if config.model.kind == "seq2seq":
-        from finetune.recipes import seq2seq_lm as recipe
-    else:
-        from finetune.recipes import causal_lm as recipe
-    return recipe.train(config)
+    """Train with the recipe for the config's model kind (causal or seq2seq).
+
+    Before anything loads, the run name is taken (`outputs.run_lock`; another process training the
+    same name raises `outputs.RunInProgress`) and the data set is read, so an empty or unreadable file
+    is one `DataError`, not a traceback after the base model loaded.
+    """
+    from finetune import outputs
+    from finetune.data import load_split
+
+    with outputs.run_lock(config):
+        load_split(config)
+        if config.model.kind == "seq2seq":
+            from finetune.recipes import seq2seq_lm as recipe
+        else:
+            from finetune.recipes import causal_lm as recipe
+        return recipe.train(config)

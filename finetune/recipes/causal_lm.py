@@ -99,7 +99,7 @@ def train(config: FinetuneConfig) -> TrainResult:
         trainer = Trainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
         )
-    result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir)
+    result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir, started=started)
 
     # --- 5. save: every process takes part, the main one writes -------------------------------------------
     metrics = factories.run_metrics(

@@ -80,7 +80,8 @@ def train(config: FinetuneConfig) -> TrainResult:
     trainer = Seq2SeqTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
     )
-    result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir)
+    factories.honest_loss_scaling(trainer)  # T5's loss is a batch mean: see the function
+    result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir, started=started)
 
     # --- 5. save: every process takes part, the main one writes -------------------------------------------
     metrics = factories.run_metrics(
