@@ -399,9 +399,11 @@ def availability(spec: ModelSpec) -> Availability:
         adapter_dir = _local_model_dir(spec.adapter)
         if not (adapter_dir / "adapter_config.json").is_file():
             how = spec.train_command or "python -m finetune train --config <recipe>.yaml"
-            return Availability(
-                "needs-training", f"no adapter at {settings.portable_path(adapter_dir)} yet; train one: {how}"
-            )
+            reason = f"no adapter at {settings.portable_path(adapter_dir)} yet; train one: {how}"
+            base = _where(spec, spec.base, "base model", "config.json")
+            if base.word == "unavailable":  # training needs the base too: say so now, not after training
+                reason += f"; training also needs the base: {base.reason}"
+            return Availability("needs-training", reason)
     base = _where(spec, spec.base, "base model", "config.json")
     if not spec.adapter or base.word == "unavailable":
         return base
