@@ -14,12 +14,18 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Runtime dependencies (torch is pinned in requirements.txt: an unpinned one pulls CUDA builds).
+# pip runs quietly: after a requirements file changes, it would otherwise list every package it already
+# has ("Requirement already satisfied", ~150 lines); errors and what it installs still show.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+
 $(VENV)/.run-deps: requirements.txt | $(PY)
-	$(PY) -m pip install -r requirements.txt
+	@echo "installing requirements.txt into $(VENV) (a minute or more the first time)"
+	$(PIP_INSTALL) -r requirements.txt
 	@touch $@
 
 $(VENV)/.test-deps: requirements-test.txt $(VENV)/.run-deps
-	$(PY) -m pip install -r requirements-test.txt
+	@echo "installing requirements-test.txt into $(VENV)"
+	$(PIP_INSTALL) -r requirements-test.txt
 	@touch $@
 
 demo: $(VENV)/.run-deps
