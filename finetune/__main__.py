@@ -90,28 +90,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
         )
         return EXIT_FAILED
     if result.output_dir is not None:
-        print(_summary(config, result))
+        from finetune.outputs import final_report
+
+        print(final_report(config, result))
     return EXIT_OK
-
-
-def _summary(config, result) -> str:
-    from babl_core import settings
-    from finetune.config import claiming_entry
-
-    m = result.metrics
-    eval_part = f", eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
-    claimant = claiming_entry(config.run.run_name) if config.adapter.finetuning == "lora" else None
-    listed = (
-        f"it fills the catalog entry {claimant.id!r}"
-        if claimant
-        else f"listed as {config.run.run_name!r} by `python -m babl_core models`"
-    )
-    if config.adapter.finetuning == "full":
-        listed = "a full model directory: add it to configs/models.yaml as an entry's base to serve it"
-    return (
-        f"trained {config.run.run_name}: {m['steps']} steps, train loss {m['train_loss']:.4f}{eval_part}, "
-        f"{m['train_seconds']:.1f} s -> {settings.portable_path(result.output_dir)} ({listed})"
-    )
 
 
 def _dry_run(config) -> int:
@@ -175,7 +157,10 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, str], unknown: list[
         report = evaluation.run_eval(target)
         path = evaluation.write_results(target, report)
         print(evaluation.format_table(report))
-        print(f"written: {settings.portable_path(path)}; babl.json metrics.eval.{report.eval_set}")
+        print(
+            f"written: {settings.portable_path(path)}; the summary is in the eval results of the adapter's "
+            f"babl.json, and its model card ({settings.portable_path(path.parent / 'README.md')}) shows it"
+        )
         return EXIT_OK
 
     return _adapter_command(unknown, work)

@@ -669,7 +669,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
     Returns:
         The eval JSON's path.
     """
-    from finetune.outputs import META_FILE
+    from finetune.outputs import META_FILE, refresh_model_card
 
     out = target.path / eval_file_name(report.eval_set)
     write_json_atomic(out, report.to_dict())
@@ -679,6 +679,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
     evals = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
     meta["metrics"] = {**metrics, "eval": {**evals, report.eval_set: report.summary()}}
     write_json_atomic(meta_path, meta)
+    refresh_model_card(target.path)  # the card shows what babl.json now holds
     return out
 
 

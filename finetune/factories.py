@@ -153,7 +153,9 @@ def train_and_evaluate(trainer, config: FinetuneConfig, checkpoint_dir) -> tuple
     """`trainer.train()` — from the last complete checkpoint with `--resume` — then the final eval
     metrics ({} without an eval set). Returns (the trainer's TrainOutput, eval metrics)."""
     from finetune import outputs
+    from finetune.progress import show_progress
 
+    show_progress(trainer)
     resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
