@@ -27,6 +27,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 def _err(message: str) -> None:
+    # Under `accelerate launch` every process meets the same config, data or base problem: the main one
+    # says it, the others only exit with the same code (the reason once, not once per process).
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"finetune: {message}", file=sys.stderr)
 
 
