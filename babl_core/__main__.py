@@ -67,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from babl_core.chat import BadMessage, ChatService, ChatSession
     from babl_core.generation import GenerationError
     from babl_core.loading import ModelUnavailable
+    from babl_core.words import count
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     settings = {
@@ -92,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _err(f"note: {note}")
         if not args.quiet:
             s = reply.stats
-            _err(f"{reply.spec.id}: {reply.description}; {s.completion_tokens} tokens in {s.elapsed:.2f} s "
+            _err(f"{reply.spec.id}: {reply.description}; {count(s.completion_tokens, 'token')} in {s.elapsed:.2f} s "
                  f"({s.tokens_per_second:.1f} tok/s), finished: {s.finish_reason}")  # fmt: skip
         return EXIT_OK
 

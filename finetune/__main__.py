@@ -324,7 +324,7 @@ def _add_adapter_commands(sub) -> None:
 
     experiment = sub.add_parser(
         "experiment",
-        help="seed 004: a t5-qa recipe trained and evaluated with and without context",
+        help="does the context passage help? a Q&A recipe trained and evaluated with and without it",
         usage="python -m finetune experiment [--config FILE] [--output DIR] [--key value ...]",
         description="Train the recipe twice, with the context passage and with the question alone (adapters "
         "<run_name>-with-context and <run_name>-without-context, replaced on each run), evaluate both on "
@@ -334,7 +334,7 @@ def _add_adapter_commands(sub) -> None:
         allow_abbrev=False,
     )
     experiment.add_argument("--config", metavar="FILE", default="configs/finetune/qa-t5-squad.yaml",
-                            help="a t5-qa recipe (default: %(default)s)")  # fmt: skip
+                            help="a Q&A recipe (default: %(default)s)")  # fmt: skip
     experiment.add_argument("--output", metavar="DIR",
                             help="where the tables go (default: models/experiments/<run_name>-context/)")  # fmt: skip
     _add_config_options(experiment)

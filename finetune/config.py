@@ -108,7 +108,9 @@ class DataArgs:
             "by dots, e.g. answer: answers.text.0 (fields not named map to the column of the same name)"
         ),
     )
-    with_context: bool = setting(True, "t5-qa only: give the context passage with the question (seed 004)")
+    with_context: bool = setting(
+        True, "Q&A recipes only: give the context passage with the question (false: the question alone)"
+    )
     eval_fraction: float = setting(0.1, "share of the rows held out for evaluation (0: none), seeded split")
     max_train_samples: int | None = setting(None, "use at most this many training rows (after the split)")
     max_eval_samples: int | None = setting(None, "use at most this many evaluation rows")
@@ -511,7 +513,7 @@ def validate(config: FinetuneConfig) -> list[str]:
             )
     if not data.with_context and style_known and config.style_name != "t5-qa":
         problems.append(
-            f"with_context: false only applies to the t5-qa style (this run uses {config.style_name!r})"
+            f"with_context: false only applies to Q&A recipes (this run's prompt_style is {config.style_name!r})"
         )
     if style_known and model.kind in ("causal", "seq2seq"):
         seq2seq_style = config.style_name.startswith("t5-")

@@ -79,7 +79,7 @@ def arm_configs(config_path: str | Path, overrides: dict | None = None) -> list[
     if base.style_name != "t5-qa":
         raise ExperimentError(
             f"{base.source}: the experiment compares answering with and without a context passage, so it "
-            f"needs a t5-qa recipe (this one uses {base.style_name!r}); e.g. {DEFAULT_CONFIG}"
+            f"needs a Q&A recipe (this one's prompt_style is {base.style_name!r}); e.g. {DEFAULT_CONFIG}"
         )
     configs = []
     for suffix, with_context, _label in ARMS:
@@ -153,7 +153,7 @@ def run_experiment(
     evaluation.write_json_atomic(
         json_path,
         {
-            "experiment": "seed 004: with and without context",
+            "experiment": "does the context passage help the Q&A model? with and without context",
             "recipe": recipe,
             "overrides": {k: str(v) for k, v in (overrides or {}).items()},
             "questions": questions,
@@ -233,7 +233,7 @@ def to_markdown(recipe: str, arms: list[ArmResult], verdict: str, *, questions: 
     """The experiment's answer: a side-by-side table and the verdict, as Markdown."""
     with_arm, without_arm = arms
     lines = [
-        "# Seed 004: does the context passage help?",
+        "# Does the context passage help the Q&A model?",
         "",
         f"`{recipe}` trained twice on the same rows, seed and settings — once with the context passage "
         '("question: … context: …"), once with the question alone — and both evaluated on the same '

@@ -270,6 +270,7 @@ def final_report(config: FinetuneConfig, result) -> str:
     import math
     import shlex
 
+    from babl_core.words import count
     from finetune.config import claiming_entry
     from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES
 
@@ -277,11 +278,11 @@ def final_report(config: FinetuneConfig, result) -> str:
     where = result.output_dir
     shown = settings.portable_path(where)
     python = python_command()
-    figures = f"{m['steps']} steps in {m['train_seconds']:.1f} s, train loss {m['train_loss']:.4f}"
+    figures = f"{count(m['steps'], 'step')} in {m['train_seconds']:.1f} s, train loss {m['train_loss']:.4f}"
     if m.get("eval_loss") is not None:
         figures += (
             f", eval loss {m['eval_loss']:.4f} (perplexity {math.exp(min(m['eval_loss'], 50.0)):.2f}) "
-            f"on {m['eval_examples']} held-out row{'' if m['eval_examples'] == 1 else 's'}"
+            f"on {count(m['eval_examples'], 'held-out row')}"
         )
     lines = [f"trained {config.run.run_name}: {figures}"]
     rows = [("folder", shown)]

@@ -116,7 +116,7 @@ def test_verdict_names_the_winner_and_the_margin():
 def test_experiment_refuses_what_it_cannot_compare(models_dir, capsys):
     with pytest.raises(ExperimentError, match="sets run_name, with_context"):
         arm_configs(DEMO_QA, {"with_context": "false"})
-    with pytest.raises(ExperimentError, match="needs a t5-qa recipe"):
+    with pytest.raises(ExperimentError, match="needs a Q&A recipe"):
         arm_configs("configs/finetune/demo-email.yaml")
     # The real recipe offline: its base and data set are not here; the error says to use the twin.
     assert main(["experiment"]) == EXIT_USAGE
