@@ -210,3 +210,11 @@ def test_with_context_false_only_fits_the_qa_style(models_dir):
 def test_local_files_have_one_split(models_dir):
     with pytest.raises(ConfigError, match="a local file is one split with no configurations"):
         load_config(REPO_ROOT / DEMO_PYTHON, {"dataset_split": "validation"})
+
+
+def test_cli_offline_email_recipe_points_at_the_email_sample_set(models_dir, capsys):
+    assert main(["train", "--config", "configs/finetune/email-t5.yaml"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "dataset: finetune/samples/aeslc.jsonl" in err
+    assert "python -m finetune train --config configs/finetune/demo-email.yaml" in err
+    assert "alpaca" not in err
