@@ -151,4 +151,7 @@ def test_needs_training_offline_says_both_what_to_train_and_that_the_base_is_mis
     row = next(r for r in json.loads(capsys.readouterr().out) if r["id"] == "email-t5")
     assert row["availability"] == "needs-training"
     assert "train one: python -m finetune train --config configs/finetune/email-t5.yaml" in row["reason"]
-    assert "offline" in row["reason"] and "t5-base is not in the Hugging Face cache" in row["reason"]
+    assert row["reason"].startswith(
+        "no adapter at models/adapters/email-t5 yet, and its base t5-base is not downloaded (offline"
+    )
+    assert "python -m babl_core download email-t5" in row["reason"]
