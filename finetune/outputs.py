@@ -94,7 +94,10 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
         (staging / META_FILE).write_text(
             json.dumps(metadata(config, metrics), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        refresh_model_card(staging, location=target)  # replaces PEFT's empty template
+        try:
+            refresh_model_card(staging, location=target)  # replaces PEFT's empty template
+        except (OSError, ValueError) as exc:  # the trained weights matter more than their card
+            log.warning("the model card (README.md) was not written: %s", exc)
         _move_into_place(staging, target, overwrite=config.run.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -295,7 +298,7 @@ def final_report(config: FinetuneConfig, result) -> str:
     else:
         claimant = claiming_entry(config.run.run_name)
         model_id = claimant.id if claimant else config.run.run_name
-        label = claimant.display_label if claimant else config.label
+        label = _dropdown_label(model_id) or config.label
         message = EXAMPLE_MESSAGES.get(config.run.task, "Hello")  # the card's example too
         rows += [
             ("task metric", f"{python} -m finetune eval --adapter {config.run.run_name}"),
@@ -305,3 +308,13 @@ def final_report(config: FinetuneConfig, result) -> str:
     width = max(len(name) for name, _ in rows)
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def _dropdown_label(model_id: str) -> str | None:
+    """The label the app's model dropdown shows for `model_id` (None if the catalog cannot say)."""
+    from babl_core.catalog import Catalog, CatalogError, UnknownModel
+
+    try:
+        return Catalog.load().get(model_id).display_label
+    except (CatalogError, UnknownModel):
+        return None

@@ -96,6 +96,12 @@ def test_train_output_one_bar_a_loss_table_a_last_block_and_a_card_with_the_real
     assert re.search(r"^\s+loss curve\s+models/adapters/demo-qa-squad/loss\.png$", out, re.M)
     assert re.search(r"^\s+model card\s+models/adapters/demo-qa-squad/README\.md$", out, re.M)
     assert (adapter / "loss.png").is_file()
+    from babl_core.catalog import Catalog
+
+    label = Catalog.load().get("demo-qa-squad").display_label  # as the app's dropdown shows it
+    assert re.search(
+        rf"^\s+in the app\s+make run, then pick “{re.escape(label)}” in the settings$", out, re.M
+    )
     chat = re.search(r"^\s+chat with it\s+(.+)$", out, re.M).group(1)
     argv = shlex.split(chat)
     assert argv[1:4] == ["-m", "babl_core", "generate"] and "--model" in argv
