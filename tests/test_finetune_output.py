@@ -129,3 +129,49 @@ def test_train_output_one_bar_a_loss_table_a_last_block_and_a_card_with_the_real
     card = (adapter / "README.md").read_text()
     assert f"| evaluation › held-out rows › exact match | {split['exact_match']:.6g} |" in card
     assert f"| evaluation › held-out rows › perplexity | {split['perplexity']:.6g} |" in card
+
+
+def test_progress_table_rows_per_evaluation_or_per_logged_loss_without_held_out_rows():
+    import io
+    from types import SimpleNamespace
+
+    from finetune.progress import TrainingProgress
+
+    def lines(text: str) -> list[str]:
+        return re.split(r"[\r\n]", text)  # the bar redraws with carriage returns; rows end with newlines
+
+    def replay(eval_strategy: str, logs: list[tuple[int, dict]]) -> tuple[TrainingProgress, str]:
+        out = io.StringIO()
+        progress = TrainingProgress(stream=out)
+        args = SimpleNamespace(eval_strategy=eval_strategy)
+        state = SimpleNamespace(is_world_process_zero=True, max_steps=4, global_step=0, epoch=0.0)
+        progress.on_train_begin(args, state, None)
+        for step, entry in logs:
+            state.global_step, state.epoch = step, step / 4
+            progress.on_step_end(args, state, None)
+            progress.on_log(args, state, None, logs=entry)
+        progress.on_train_end(args, state, None)
+        return progress, out.getvalue()
+
+    logs = [
+        (2, {"loss": 3.0}),
+        (2, {"eval_loss": 2.5}),
+        (4, {"loss": 2.0}),
+        (4, {"eval_loss": 2.25}),
+        (4, {"eval_loss": 2.25, "eval_runtime": 0.1}),
+    ]  # fmt: skip  (the last: the final evaluation)
+    progress, shown = replay("steps", logs)
+    assert [(r["step"], r["train loss"], r["eval loss"]) for r in progress.rows] == [
+        (2, 3.0, 2.5),
+        (4, 2.0, 2.25),
+    ]
+    assert shown.count("train loss") == 1  # one header
+    assert any(re.fullmatch(r"\s+4\s+1\.00\s+2\.0000\s+2\.2500\s+9\.49", line) for line in lines(shown))
+    assert "{'" not in shown
+
+    progress, shown = replay("no", [(2, {"loss": 3.0}), (4, {"loss": 2.0})])
+    assert [(r["step"], r["train loss"], r["eval loss"]) for r in progress.rows] == [
+        (2, 3.0, None),
+        (4, 2.0, None),
+    ]
+    assert any(re.fullmatch(r"\s+2\s+0\.50\s+3\.0000\s+—\s+—", line) for line in lines(shown))
