@@ -88,9 +88,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
         _err(f"base: {exc.reason}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
+        from finetune.outputs import python_command
+
         _err(
-            f"interrupted; continue from the last checkpoint with: python -m finetune train --config "
-            f"{config.source} --resume true"
+            f"interrupted; continue from the last checkpoint with: {python_command()} -m finetune train "
+            f"--config {config.source} --resume true"
         )
         return EXIT_FAILED
     if result.output_dir is not None:
