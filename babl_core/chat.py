@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from babl_core import words
 from babl_core.cache import ModelCache
 from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
@@ -275,7 +276,7 @@ def raw_prompt(loaded: LoadedModel, text: str, params: GenerationParams) -> Prom
                 f"{params.max_new_tokens} max new tokens). To fix it, shorten the prompt {fix}."
             )
         too_long = PromptTooLong(
-            f"The prompt is too long: it needs {count} tokens but {detail}",
+            f"The prompt is too long: it needs {words.count(count, 'token')} but {detail}",
             needed_tokens=count,
             available_tokens=max(available, 0),
         )

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from babl_core import words
 from babl_core.cache import ModelBusy
 from babl_core.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatSession, coalesce
@@ -299,7 +300,7 @@ def settings_widgets(choices: list[ModelChoice], state: UiState) -> list[dict[st
             "initial": state.chat.system_prompt,
             "placeholder": "e.g. You write concise, commented code.",
             "multiline": True,
-            "description": "Sent first by models whose prompt style has one; others ignore it (with a note).",
+            "description": "Sent first to models that take one; others ignore it (with a note).",
         },
         {
             "kind": "switch",
@@ -483,7 +484,7 @@ def answer_footer(reply: ChatReply) -> str:
     stats = reply.stats
     parts = [
         f"`{reply.model_id}`",
-        f"{stats.completion_tokens} tokens",
+        words.count(stats.completion_tokens, "token"),
         f"{stats.tokens_per_second:.0f} tokens/s",
     ]
     if stats.finish_reason == "cancelled":
@@ -574,7 +575,7 @@ def export_text(message_count: int) -> str:
     if not message_count:
         return "Nothing to export yet: ask something first, then type `/export`."
     return (
-        f"This conversation ({message_count} messages) as Markdown and as JSON. Both are also kept with "
+        f"This conversation ({words.count(message_count, 'message')}) as Markdown and as JSON. Both are also kept with "
         "the chat, so they are here when you come back to it."
     )
 

@@ -50,7 +50,7 @@ class _DropKnownNoise(logging.Filter):
 
 
 def quiet_known_warnings() -> None:
-    """Silence the known-harmless messages of bitsandbytes and transformers' progress bars."""
+    """Silence the known-harmless messages of bitsandbytes, PEFT and transformers' progress bars."""
     noise = _DropKnownNoise()
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
         logger = logging.getLogger(name)
@@ -58,6 +58,11 @@ def quiet_known_warnings() -> None:
             logger.addFilter(noise)
     warnings.filterwarnings("ignore", message=r".*inputs will be cast from.*")
     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
+    # PEFT 0.21 reads transformers 5.23's deprecated `is_gradient_checkpointing` on every adapter load
+    # (a FutureWarning per load in the app, `finetune eval` and `merge`); nothing for the user to change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     try:
         from transformers.utils import logging as hf_logging
 

@@ -24,9 +24,11 @@ import difflib
 import re
 from dataclasses import dataclass, field, replace
 
+from babl_core.words import count
+
 ROLES = ("system", "user", "assistant")
 
-NOTE_NO_SYSTEM = "this model's prompt style has no system prompt; yours was not sent"
+NOTE_NO_SYSTEM = "this model takes no system prompt; yours was not sent"
 
 
 class PromptTooLong(ValueError):
@@ -411,7 +413,7 @@ def email_prompt(key_points: str, sender: str | None = None, recipient: str | No
     key_points = key_points.strip()
     if not key_points:
         raise ValueError(
-            "t5-email needs the key points of the email: write them in the message "
+            "This email model needs the key points of the email: write them in the message "
             "(e.g. 'Key points: system update on Friday, back up your work')"
         )
     text = "write email: " + key_points
@@ -426,7 +428,9 @@ def qa_prompt(question: str, context: str | None = None) -> str:
     """Seed 004's SQuAD input: "question: <q> context: <c>", or "question: <q>" without context."""
     question = question.strip()
     if not question:
-        raise ValueError("t5-qa needs a question: write it in the message (e.g. 'Question: who wrote it?')")
+        raise ValueError(
+            "This Q&A model needs a question: write it in the message (e.g. 'Question: who wrote it?')"
+        )
     context = (context or "").strip()
     return f"question: {question} context: {context}" if context else f"question: {question}"
 
@@ -435,7 +439,7 @@ def code_prompt(text: str) -> str:
     """Seed 000's MBPP input: "generate python: <description>"."""
     text = text.strip()
     if not text:
-        raise ValueError("t5-code needs a description of the code to write; the message is empty")
+        raise ValueError("This code model needs a description of the code to write; the message is empty")
     return f"generate python: {text}"
 
 
@@ -556,7 +560,7 @@ def build_prompt(
     if conversation.system and not style.supports_system:
         notes.append(NOTE_NO_SYSTEM)
     if not style.multi_turn and conversation.turns:
-        notes.append(f"{style.name} answers one message at a time; earlier turns were not sent")
+        notes.append("this model answers one message at a time; earlier turns were not sent")
         conversation = replace(conversation, turns=())
     add_special_tokens = not style.uses_bos_in_text(tokenizer)
 
@@ -612,7 +616,7 @@ def _too_long_message(
     shorten = "shorten the message or the system prompt" if with_system else "shorten the message"
     if seq2seq:
         return (
-            f"The prompt is too long: {what} needs {needed} tokens but the model reads at most "
+            f"The prompt is too long: {what} needs {count(needed, 'token')} but the model reads at most "
             f"{context_length}. To fix it, {shorten}."
         )
     room = context_length - needed
@@ -621,6 +625,7 @@ def _too_long_message(
     else:
         fix = f"{shorten} (lowering max new tokens alone cannot help)"
     return (
-        f"The prompt is too long: {what} needs {needed} tokens but only {max(available, 0)} are available "
+        f"The prompt is too long: {what} needs {count(needed, 'token')} but only {max(available, 0)} "
+        f"{'is' if max(available, 0) == 1 else 'are'} available "
         f"(a {context_length}-token context minus {max_new_tokens} max new tokens). To fix it, {fix}."
     )

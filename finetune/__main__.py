@@ -27,6 +27,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 def _err(message: str) -> None:
+    # Under `accelerate launch` every process meets the same config, data or base problem: the main one
+    # says it, the others only exit with the same code (the reason once, not once per process).
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"finetune: {message}", file=sys.stderr)
 
 
@@ -88,34 +92,18 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
         _err(f"base: {exc.reason}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
+        from finetune.outputs import python_command
+
         _err(
-            f"interrupted; continue from the last checkpoint with: python -m finetune train --config "
-            f"{config.source} --resume true"
+            f"interrupted; continue from the last checkpoint with: {python_command()} -m finetune train "
+            f"--config {config.source} --resume true"
         )
         return EXIT_FAILED
     if result.output_dir is not None:
-        print(_summary(config, result))
+        from finetune.outputs import final_report
+
+        print(final_report(config, result))
     return EXIT_OK
-
-
-def _summary(config, result) -> str:
-    from babl_core import settings
-    from finetune.config import claiming_entry
-
-    m = result.metrics
-    eval_part = f", eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
-    claimant = claiming_entry(config.run.run_name) if config.adapter.finetuning == "lora" else None
-    listed = (
-        f"it fills the catalog entry {claimant.id!r}"
-        if claimant
-        else f"listed as {config.run.run_name!r} by `python -m babl_core models`"
-    )
-    if config.adapter.finetuning == "full":
-        listed = "a full model directory: add it to configs/models.yaml as an entry's base to serve it"
-    return (
-        f"trained {config.run.run_name}: {m['steps']} steps, train loss {m['train_loss']:.4f}{eval_part}, "
-        f"{m['train_seconds']:.1f} s -> {settings.portable_path(result.output_dir)} ({listed})"
-    )
 
 
 def _dry_run(config) -> int:
@@ -179,7 +167,10 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, str], unknown: list[
         report = evaluation.run_eval(target)
         path = evaluation.write_results(target, report)
         print(evaluation.format_table(report))
-        print(f"written: {settings.portable_path(path)}; babl.json metrics.eval.{report.eval_set}")
+        print(
+            f"written: {settings.portable_path(path)}; the summary is in the eval results of the adapter's "
+            f"babl.json, and its model card ({settings.portable_path(path.parent / 'README.md')}) shows it"
+        )
         return EXIT_OK
 
     return _adapter_command(unknown, work)
@@ -339,7 +330,7 @@ def _add_adapter_commands(sub) -> None:
 
     experiment = sub.add_parser(
         "experiment",
-        help="seed 004: a t5-qa recipe trained and evaluated with and without context",
+        help="does the context passage help? a Q&A recipe trained and evaluated with and without it",
         usage="python -m finetune experiment [--config FILE] [--output DIR] [--key value ...]",
         description="Train the recipe twice, with the context passage and with the question alone (adapters "
         "<run_name>-with-context and <run_name>-without-context, replaced on each run), evaluate both on "
@@ -349,7 +340,7 @@ def _add_adapter_commands(sub) -> None:
         allow_abbrev=False,
     )
     experiment.add_argument("--config", metavar="FILE", default="configs/finetune/qa-t5-squad.yaml",
-                            help="a t5-qa recipe (default: %(default)s)")  # fmt: skip
+                            help="a Q&A recipe (default: %(default)s)")  # fmt: skip
     experiment.add_argument("--output", metavar="DIR",
                             help="where the tables go (default: models/experiments/<run_name>-context/)")  # fmt: skip
     _add_config_options(experiment)

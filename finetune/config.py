@@ -108,7 +108,9 @@ class DataArgs:
             "by dots, e.g. answer: answers.text.0 (fields not named map to the column of the same name)"
         ),
     )
-    with_context: bool = setting(True, "t5-qa only: give the context passage with the question (seed 004)")
+    with_context: bool = setting(
+        True, "Q&A recipes only: give the context passage with the question (false: the question alone)"
+    )
     eval_fraction: float = setting(0.1, "share of the rows held out for evaluation (0: none), seeded split")
     max_train_samples: int | None = setting(None, "use at most this many training rows (after the split)")
     max_eval_samples: int | None = setting(None, "use at most this many evaluation rows")
@@ -516,7 +518,7 @@ def validate(config: FinetuneConfig) -> list[str]:
             )
     if not data.with_context and style_known and config.style_name != "t5-qa":
         problems.append(
-            f"with_context: false only applies to the t5-qa style (this run uses {config.style_name!r})"
+            f"with_context: false only applies to Q&A recipes (this run's prompt_style is {config.style_name!r})"
         )
     if style_known and model.kind in ("causal", "seq2seq"):
         seq2seq_style = config.style_name.startswith("t5-")
@@ -626,7 +628,7 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
         if hub_cached_dir(base) is None:
             problems.append(
                 f"base: {base!r} is a hub id, but the hub is offline and it is not in the Hugging Face cache; "
-                "download it while online, or train an offline twin (configs/finetune/demo-*.yaml)"
+                f"download it while online, or train {_offline_twin(config.run.task)}"
             )
     dataset = config.data.dataset
     if is_local_dataset(dataset):
@@ -643,12 +645,38 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
     elif is_offline() and not _hub_dataset_cached(dataset):
         problems.append(
             f"dataset: {dataset!r} is a hub data set, but the hub is offline and it is not cached; use a local "
-            "file instead, e.g. dataset: finetune/samples/alpaca.jsonl"
+            f"file instead, e.g. {_offline_sample(config.run.task)}"
         )
     if for_training:
         problems.extend(launch_problems(config))
         problems.extend(output_problems(config))
     return problems
+
+
+# Our sample set for each task (finetune/samples/README.md), in the public set's columns.
+SAMPLE_SETS = {
+    "python": "alpaca.jsonl",
+    "html": "html.jsonl",
+    "email": "aeslc.jsonl",
+    "qa": "squad.jsonl",
+    "code": "mbpp.jsonl",
+}
+
+
+def _offline_sample(task: str | None) -> str:
+    """The sample set that fits `task`, as a config line to write."""
+    name = SAMPLE_SETS.get(task or "")
+    if name is None:
+        return "a .jsonl file of your own (dataset: path/to/rows.jsonl)"
+    return f"our {task} sample set in the same columns: dataset: finetune/samples/{name}"
+
+
+def _offline_twin(task: str | None) -> str:
+    """The offline twin recipe of `task` (configs/finetune/demo-<task>.yaml), or the family of them."""
+    twin = settings.REPO_ROOT / "configs" / "finetune" / f"demo-{task}.yaml"
+    if task and twin.is_file():
+        return f"its offline twin: python -m finetune train --config configs/finetune/{twin.name}"
+    return "an offline twin (configs/finetune/demo-*.yaml)"
 
 
 def launch_problems(config: FinetuneConfig) -> list[str]:

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from babl_core import settings
+from babl_core import settings, words
 from finetune.config import LOCAL_DATA_SUFFIXES, DataArgs, FinetuneConfig, is_local_dataset
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def prepare_data(tokenizer, config: FinetuneConfig, *, kind: str) -> PreparedDat
     train = encode(split.train)
     if not train.rows:
         raise DataError(
-            f"dataset {source}: no usable training example among {len(split.train)} rows "
+            f"dataset {source}: no usable training example among {words.count(len(split.train), 'row')} "
             f"(left out: {_describe_dropped(train.dropped) or 'none'}); check `columns` and raise max_length"
         )
     evaluation = encode(split.eval) if split.eval is not None else None
@@ -425,7 +425,7 @@ def length_report(lengths: list[int], *, limit: int, what: str, bins: int = 8) -
 
     over = sum(length > limit for length in lengths)
     lines = [
-        f"{what} ({len(lengths)} examples, limit {limit}):",
+        f"{what} ({words.count(len(lengths), 'example')}, limit {limit}):",
         f"  min {ordered[0]}  median {int(statistics.median(ordered))}  p90 {pct(0.9)}  p95 {pct(0.95)}  "
         f"max {ordered[-1]}  mean {statistics.fmean(ordered):.0f}",
         f"  over the limit (cut): {over} ({100 * over / len(lengths):.0f}%)",

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from babl_core import settings
+from babl_core import settings, words
 from finetune.config import FinetuneConfig, build_config, read_yaml
 
 log = logging.getLogger("finetune")
@@ -595,8 +595,8 @@ def run_eval(
         fitting = [e for e in examples if fits_context(loaded, e, params.max_new_tokens)]
         if len(fitting) < len(examples):
             notes.append(
-                f"{len(examples) - len(fitting)} prompts are too long for the model's context and were "
-                "skipped (the app refuses them too)"
+                f"{words.count(len(examples) - len(fitting), 'prompt')} too long for the model's context "
+                f"{'was' if len(examples) - len(fitting) == 1 else 'were'} skipped (the app refuses them too)"
             )
         samples = evaluation.eval_samples if config.run.task in ("python", "code") else 1
         answers = generate_answers(
@@ -693,7 +693,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
     Returns:
         The eval JSON's path.
     """
-    from finetune.outputs import META_FILE
+    from finetune.outputs import META_FILE, refresh_model_card
 
     out = target.path / eval_file_name(report.eval_set)
     write_json_atomic(out, report.to_dict())
@@ -703,6 +703,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
     evals = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
     meta["metrics"] = {**metrics, "eval": {**evals, report.eval_set: report.summary()}}
     write_json_atomic(meta_path, meta)
+    refresh_model_card(target.path)  # the card shows what babl.json now holds
     return out
 
 
@@ -728,9 +729,9 @@ def _format_value(value) -> str:
 
 def format_table(report: EvalReport) -> str:
     """The report as an aligned text table, with its notes below."""
-    held_out = f"{report.counts['loss_examples']} held-out rows"
+    held_out = words.count(report.counts["loss_examples"], "held-out row")
     where = (
-        f"HumanEval, {report.counts['answered']} problems (loss on {held_out})"
+        f"HumanEval, {words.count(report.counts['answered'], 'problem')} (loss on {held_out})"
         if report.eval_set == "humaneval"
         else held_out
     )
@@ -745,7 +746,7 @@ def format_table(report: EvalReport) -> str:
     generation = report.generation
     sampling = "greedy" if generation["temperature"] == 0 else f"temperature {generation['temperature']:g}"
     lines.append(
-        f"({report.counts['answered']} answers × {report.counts['answers_per_example']}, {sampling}, "
+        f"({words.count(report.counts['answered'], 'answer')} × {report.counts['answers_per_example']}, {sampling}, "
         f"max {generation['max_new_tokens']} new tokens; {report.model}; {report.seconds:.1f} s)"
     )
     lines += [f"note: {note}" for note in report.notes]

@@ -79,7 +79,7 @@ def arm_configs(config_path: str | Path, overrides: dict | None = None) -> list[
     if base.style_name != "t5-qa":
         raise ExperimentError(
             f"{base.source}: the experiment compares answering with and without a context passage, so it "
-            f"needs a t5-qa recipe (this one uses {base.style_name!r}); e.g. {DEFAULT_CONFIG}"
+            f"needs a Q&A recipe (this one's prompt_style is {base.style_name!r}); e.g. {DEFAULT_CONFIG}"
         )
     configs = []
     for suffix, with_context, _label in ARMS:
@@ -153,7 +153,7 @@ def run_experiment(
     evaluation.write_json_atomic(
         json_path,
         {
-            "experiment": "seed 004: with and without context",
+            "experiment": "does the context passage help the Q&A model? with and without context",
             "recipe": recipe,
             "overrides": {k: str(v) for k, v in (overrides or {}).items()},
             "questions": questions,
@@ -162,6 +162,8 @@ def run_experiment(
             "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
     )
+    if plot_experiment(arms, output_dir / PLOT_FILE) is not None:
+        markdown += f"\n![Both arms' losses, exact match and F1]({PLOT_FILE})\n"
     markdown_path.write_text(markdown, encoding="utf-8")
     return ExperimentResult(recipe, arms, verdict, questions, markdown_path, json_path, markdown)
 
@@ -231,7 +233,7 @@ def to_markdown(recipe: str, arms: list[ArmResult], verdict: str, *, questions: 
     """The experiment's answer: a side-by-side table and the verdict, as Markdown."""
     with_arm, without_arm = arms
     lines = [
-        "# Seed 004: does the context passage help?",
+        "# Does the context passage help the Q&A model?",
         "",
         f"`{recipe}` trained twice on the same rows, seed and settings — once with the context passage "
         '("question: … context: …"), once with the question alone — and both evaluated on the same '
@@ -255,7 +257,92 @@ def to_markdown(recipe: str, arms: list[ArmResult], verdict: str, *, questions: 
 
 def print_summary(result: ExperimentResult) -> str:
     """What the CLI prints at the end: the table, the verdict and where the files are."""
-    return (
-        f"{result.markdown.rstrip()}\n\n"
-        f"written: {settings.portable_path(result.markdown_path)}, {settings.portable_path(result.json_path)}"
+    written = [result.markdown_path, result.json_path, result.markdown_path.parent / PLOT_FILE]
+    return f"{result.markdown.rstrip()}\n\nwritten: " + ", ".join(
+        settings.portable_path(path) for path in written if path.is_file()
     )
+
+
+PLOT_FILE = "experiment.png"
+SCORES = (("exact_match", "exact match"), ("f1", "F1"))
+
+
+def _arm_losses(arm: ArmResult) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) loss points of an arm, from the trainer log saved in its adapter directory."""
+    import json
+
+    from finetune.outputs import LOG_FILE
+
+    try:
+        history = json.loads((settings.resolve_path(arm.adapter) / LOG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [], []
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    evaluation = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
+    return train, evaluation
+
+
+def plot_data(arms: list[ArmResult]) -> tuple[dict, list[tuple[str, list[float | None]]]]:
+    """What `plot_experiment` draws: {arm name: (train, eval) loss points}, and one bar group per
+    adapter arm and per base row, each [exact match, F1] (None where not measured)."""
+    curves = {arm.name: _arm_losses(arm) for arm in arms}
+    bars: list[tuple[str, list[float | None]]] = [
+        (f"adapter, {arm.name}", [arm.metrics.get(key) for key, _ in SCORES]) for arm in arms
+    ]
+    bars += [
+        (f"base alone, {arm.name}", [arm.metrics.get(f"base_{key}") for key, _ in SCORES])
+        for arm in arms
+        if any(arm.metrics.get(f"base_{key}") is not None for key, _ in SCORES)
+    ]
+    return curves, bars
+
+
+def plot_experiment(arms: list[ArmResult], path: Path) -> Path | None:
+    """A PNG beside experiment.md: both arms' loss curves (left) and their exact match and F1 (right),
+    with the base model's zero-shot scores beside them where the arms recorded `base_*` figures.
+
+    Returns the path, or None when there is nothing to draw.
+    """
+    curves, bars = plot_data(arms)
+    if not any(train or evaluation for train, evaluation in curves.values()) and not any(
+        value is not None for _, values in bars for value in values
+    ):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), dpi=100)
+    losses, scores = figure.subplots(1, 2)
+    colors = ("tab:blue", "tab:orange", "tab:cyan", "tab:red")
+    for color, (name, (train, evaluation)) in zip(colors, curves.items(), strict=False):
+        if train:
+            losses.plot(*zip(*train, strict=True), color=color, label=f"{name}: train loss")
+        if evaluation:
+            losses.plot(*zip(*evaluation, strict=True), color=color, linestyle="--", marker="o",
+                        label=f"{name}: eval loss")  # fmt: skip
+    losses.set_xlabel("step")
+    losses.set_ylabel("loss")
+    losses.set_title("loss while training")
+    losses.grid(alpha=0.3)
+    if losses.get_legend_handles_labels()[0]:
+        losses.legend(fontsize="small")
+    width = 0.8 / max(len(bars), 1)
+    for index, (color, (name, values)) in enumerate(zip(colors, bars, strict=False)):
+        xs = [position + (index - (len(bars) - 1) / 2) * width for position in range(len(SCORES))]
+        heights = [value if value is not None else 0.0 for value in values]
+        drawn = scores.bar(
+            xs, heights, width, color=color, label=name, hatch="//" if "base" in name else None
+        )
+        scores.bar_label(
+            drawn, labels=[f"{v:.2f}" if v is not None else "—" for v in values], fontsize="small"
+        )
+    scores.set_xticks(range(len(SCORES)), [label for _, label in SCORES])
+    scores.set_ylim(0, 1.35)  # room for the legend above a perfect score
+    scores.set_title("held-out questions")
+    scores.legend(fontsize="small")
+    figure.suptitle("Does the context passage help?")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -227,8 +227,10 @@ def train_and_evaluate(
     before this one spent up to the checkpoint it continues (`run_metrics` adds it to train_seconds).
     """
     from finetune import outputs
+    from finetune.progress import show_progress
 
     started = time.perf_counter() if started is None else started
+    show_progress(trainer)
     resume_from = outputs.last_checkpoint(checkpoint_dir) if config.run.resume else None
     seconds_before = _seconds_before(resume_from) if resume_from is not None else 0.0
     if resume_from is not None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from babl_core import settings
+from babl_core import settings, words
 
 log = logging.getLogger("finetune")
 
@@ -633,7 +633,7 @@ def cmd_merge(args: argparse.Namespace, overrides: dict[str, str], unknown: list
     check = result.check
     print(
         f"merged {plan.run_name} into {plan.base} ({plan.dtype}): max |logit difference| "
-        f"{check.max_abs_diff:.3g} over {check.positions} positions of {check.examples} examples "
+        f"{check.max_abs_diff:.3g} over {words.count(check.positions, 'position')} of {words.count(check.examples, 'example')} "
         f"(tolerance {check.tolerance:.3g}, top-1 agreement {100 * check.top1_agreement:.1f}%), "
         f"{result.seconds:.1f} s -> {settings.portable_path(result.out_dir)}"
     )

@@ -132,6 +132,10 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
         (staging / META_FILE).write_text(
             json.dumps(metadata(config, metrics), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        try:
+            refresh_model_card(staging, location=target)  # replaces PEFT's empty template
+        except (OSError, ValueError) as exc:  # the trained weights matter more than their card
+            log.warning("the model card (README.md) was not written: %s", exc)
         _move_into_place(staging, target, overwrite=config.run.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,6 +143,26 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
     finally:
         _remove_if_empty(staging.parent)
     return target
+
+
+def refresh_model_card(directory: Path, *, location: Path | None = None) -> Path | None:
+    """(Re)write the directory's README.md from its babl.json and finetune.yaml (`finetune.model_card`).
+
+    Call it after anything changes `babl.json`, so the card shows what the app reads. A README.md that
+    someone else wrote (an adapter trained elsewhere) is left alone: returns None then.
+    """
+    from babl_core.catalog import CatalogError
+    from finetune.config import claiming_entry
+    from finetune.model_card import write_model_card
+
+    location = location or directory
+    claimant = None
+    if location.parent.resolve() == settings.adapters_dir().resolve():
+        try:
+            claimant = claiming_entry(location.name)
+        except CatalogError:
+            claimant = None  # a broken catalog is reported where it is used; the card names the run
+    return write_model_card(directory, location=location, model_id=claimant.id if claimant else None)
 
 
 def _move_into_place(partial: Path, target: Path, *, overwrite: bool) -> None:
@@ -266,3 +290,69 @@ def save_and_publish(trainer, config: FinetuneConfig, metrics: dict, save, *, wh
         finish_checkpoint_dir(config)
         log.info("%s saved to %s", what, settings.portable_path(output_dir))
     return TrainResult(output_dir=output_dir, metrics=metrics, log_history=list(trainer.state.log_history))
+
+
+# --------------------------------------------------------------------------------------------------
+# What the user reads when a run ends
+
+
+def python_command() -> str:
+    """How to run Python as this run was run: the checkout's `.venv/bin/python`, or plain `python`."""
+    import sys
+
+    executable = Path(sys.executable)
+    if executable.is_relative_to(settings.REPO_ROOT):
+        return executable.relative_to(settings.REPO_ROOT).as_posix()
+    return "python"
+
+
+def final_report(config: FinetuneConfig, result) -> str:
+    """The block printed when a run ends: what was trained, where it went and how to use it."""
+    import math
+    import shlex
+
+    from babl_core.words import count
+    from finetune.config import claiming_entry
+    from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES
+
+    m = result.metrics
+    where = result.output_dir
+    shown = settings.portable_path(where)
+    python = python_command()
+    figures = f"{count(m['steps'], 'step')} in {m['train_seconds']:.1f} s, train loss {m['train_loss']:.4f}"
+    if m.get("eval_loss") is not None:
+        figures += (
+            f", eval loss {m['eval_loss']:.4f} (perplexity {math.exp(min(m['eval_loss'], 50.0)):.2f}) "
+            f"on {count(m['eval_examples'], 'held-out row')}"
+        )
+    lines = [f"trained {config.run.run_name}: {figures}"]
+    rows = [("folder", shown)]
+    if (where / PLOT_FILE).is_file():
+        rows.append(("loss curve", f"{shown}/{PLOT_FILE}"))
+    if (where / CARD_FILE).is_file():
+        rows.append(("model card", f"{shown}/{CARD_FILE}"))
+    if config.adapter.finetuning == "full":
+        rows.append(("serve it", "add an entry with this folder as its base to configs/models.yaml"))
+    else:
+        claimant = claiming_entry(config.run.run_name)
+        model_id = claimant.id if claimant else config.run.run_name
+        label = _dropdown_label(model_id) or config.label
+        message = EXAMPLE_MESSAGES.get(config.run.task, "Hello")  # the card's example too
+        rows += [
+            ("task metric", f"{python} -m finetune eval --adapter {config.run.run_name}"),
+            ("chat with it", f"{python} -m babl_core generate --model {model_id} {shlex.quote(message)}"),
+            ("in the app", f"make run, then pick “{label}” in the settings"),
+        ]
+    width = max(len(name) for name, _ in rows)
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _dropdown_label(model_id: str) -> str | None:
+    """The label the app's model dropdown shows for `model_id` (None if the catalog cannot say)."""
+    from babl_core.catalog import Catalog, CatalogError, UnknownModel
+
+    try:
+        return Catalog.load().get(model_id).display_label
+    except (CatalogError, UnknownModel):
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,42 @@ def test_every_command_has_help():
 def test_status_without_a_server_says_how_to_start_one(capsys):
     assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
     assert "make run" in capsys.readouterr().err
+
+
+def _narrow_terminal(monkeypatch, columns: int = 60) -> None:
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((columns, 20)))
+
+
+def test_models_piped_never_cuts_a_reason(capsys, monkeypatch):
+    _narrow_terminal(monkeypatch)
+    assert main(["models"]) == 0  # capsys' stdout is not a terminal, like `| less` or `> file`
+    captured = capsys.readouterr()
+    assert "…" not in captured.out
+    assert max(len(line) for line in captured.out.splitlines()) > 60
+    assert "python -m babl_core download html-codellama" in captured.out  # the end of a long reason
+    assert "--wide" not in captured.err
+
+
+def test_models_on_a_terminal_cuts_and_says_how_to_see_it_whole(capsys, monkeypatch):
+    _narrow_terminal(monkeypatch)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["models"]) == 0
+    captured = capsys.readouterr()
+    assert all(len(line) <= 60 for line in captured.out.splitlines())
+    assert "…" in captured.out
+    assert "--wide" in captured.err and "--json" in captured.err
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["models", "--wide"]) == 0
+    captured = capsys.readouterr()
+    assert "…" not in captured.out and "--wide" not in captured.err
+
+
+def test_needs_training_offline_says_both_what_to_train_and_that_the_base_is_missing(capsys):
+    assert main(["models", "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["id"] == "email-t5")
+    assert row["availability"] == "needs-training"
+    assert "train one: python -m finetune train --config configs/finetune/email-t5.yaml" in row["reason"]
+    assert row["reason"].startswith(
+        "no adapter at models/adapters/email-t5 yet, and its base t5-base is not downloaded (offline"
+    )
+    assert "python -m babl_core download email-t5" in row["reason"]

@@ -102,8 +102,24 @@ def test_offline_real_recipe_names_both_missing_downloads_and_the_twin(models_di
         load_config(REPO_ROOT / "configs" / "finetune" / "python-codegen-lora.yaml")
     text = str(info.value)
     assert "base: 'Salesforce/codegen-350M-mono' is a hub id, but the hub is offline" in text
-    assert "offline twin (configs/finetune/demo-*.yaml)" in text
+    assert "its offline twin: python -m finetune train --config configs/finetune/demo-python.yaml" in text
     assert "dataset: 'iamtarun/python_code_instructions_18k_alpaca' is a hub data set" in text
+    assert "dataset: finetune/samples/alpaca.jsonl" in text
+
+
+@pytest.mark.parametrize(
+    ("recipe", "sample", "twin"),
+    [("email-t5", "aeslc.jsonl", "demo-email.yaml"), ("qa-t5-squad", "squad.jsonl", "demo-qa.yaml"),
+     ("code-t5-mbpp", "mbpp.jsonl", "demo-code.yaml")],
+)  # fmt: skip
+def test_offline_recipe_suggests_the_sample_set_and_twin_of_its_own_task(models_dir, recipe, sample, twin):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO_ROOT / "configs" / "finetune" / f"{recipe}.yaml")
+    text = str(info.value)
+    assert f"dataset: finetune/samples/{sample}" in text
+    assert (REPO_ROOT / "finetune" / "samples" / sample).is_file()
+    assert "alpaca.jsonl" not in text
+    assert f"--config configs/finetune/{twin}" in text
 
 
 def test_missing_demo_base_says_how_to_build_it(tmp_path, monkeypatch):
@@ -187,10 +203,18 @@ def test_seq2seq_dry_run_shows_encoder_input_and_target_with_and_without_context
 
 
 def test_with_context_false_only_fits_the_qa_style(models_dir):
-    with pytest.raises(ConfigError, match="with_context: false only applies to the t5-qa style"):
+    with pytest.raises(ConfigError, match="with_context: false only applies to Q&A recipes"):
         load_config(REPO_ROOT / "configs" / "finetune" / "demo-email.yaml", {"with_context": "false"})
 
 
 def test_local_files_have_one_split(models_dir):
     with pytest.raises(ConfigError, match="a local file is one split with no configurations"):
         load_config(REPO_ROOT / DEMO_PYTHON, {"dataset_split": "validation"})
+
+
+def test_cli_offline_email_recipe_points_at_the_email_sample_set(models_dir, capsys):
+    assert main(["train", "--config", "configs/finetune/email-t5.yaml"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "dataset: finetune/samples/aeslc.jsonl" in err
+    assert "python -m finetune train --config configs/finetune/demo-email.yaml" in err
+    assert "alpaca" not in err

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from finetune.__main__ import EXIT_OK, EXIT_USAGE, main
-from finetune.experiment import ExperimentError, arm_configs, decide
+from finetune.experiment import ArmResult, ExperimentError, arm_configs, decide, plot_data, plot_experiment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_QA = "configs/finetune/demo-qa.yaml"
@@ -79,6 +79,12 @@ def test_experiment_end_to_end_on_demo_qa(models_dir, tmp_path, capsys, one_torc
     assert f"| eval loss | {a:.3f} | {b:.3f} | {a - b:+.3f} |" in markdown
     assert verdict == decide(with_arm["metrics"], without_arm["metrics"], questions=6)
 
+    # The plot beside experiment.md, linked from it and named in the printed list of files.
+    plot = out / "experiment.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert "](experiment.png)" in markdown
+    assert "experiment.png" in printed.split("written:")[-1]
+
 
 def test_verdict_names_the_winner_and_the_margin():
     assert decide(
@@ -110,9 +116,35 @@ def test_verdict_names_the_winner_and_the_margin():
 def test_experiment_refuses_what_it_cannot_compare(models_dir, capsys):
     with pytest.raises(ExperimentError, match="sets run_name, with_context"):
         arm_configs(DEMO_QA, {"with_context": "false"})
-    with pytest.raises(ExperimentError, match="needs a t5-qa recipe"):
+    with pytest.raises(ExperimentError, match="needs a Q&A recipe"):
         arm_configs("configs/finetune/demo-email.yaml")
     # The real recipe offline: its base and data set are not here; the error says to use the twin.
     assert main(["experiment"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "t5-small" in err and "--config configs/finetune/demo-qa.yaml" in err
+
+
+def test_plot_draws_both_arms_losses_scores_and_base_rows_where_present(tmp_path, monkeypatch):
+    monkeypatch.setenv("BABL_MODELS_DIR", str(tmp_path))
+    arms = []
+    for index, name in enumerate(("with context", "without context")):
+        folder = tmp_path / "adapters" / f"arm-{index}"
+        folder.mkdir(parents=True)
+        log = [{"step": 2, "loss": 3.0 + index}, {"step": 4, "loss": 2.0 + index, "eval_loss": 2.5 + index}]
+        (folder / "trainer_log.json").write_text(json.dumps(log))
+        metrics = {"exact_match": 0.5 - index / 4, "f1": 0.75 - index / 4}
+        if index == 0:
+            metrics |= {"base_exact_match": 0.125, "base_f1": 0.25}  # the base measured for this arm only
+        arms.append(ArmResult(name, index == 0, f"arm-{index}", f"models/adapters/arm-{index}", metrics))
+    curves, bars = plot_data(arms)
+    assert curves["with context"] == ([(2, 3.0), (4, 2.0)], [(4, 2.5)])
+    assert curves["without context"] == ([(2, 4.0), (4, 3.0)], [(4, 3.5)])
+    assert bars == [
+        ("adapter, with context", [0.5, 0.75]),
+        ("adapter, without context", [0.25, 0.5]),
+        ("base alone, with context", [0.125, 0.25]),
+    ]
+    path = plot_experiment(arms, tmp_path / "experiment.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nothing = [ArmResult("a", True, "x", "models/adapters/missing", {}), ArmResult("b", False, "y", "z", {})]
+    assert plot_experiment(nothing, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

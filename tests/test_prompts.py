@@ -451,7 +451,7 @@ def test_single_turn_styles_note_history_only_when_there_was_some(t5_tok):
         seq2seq=True,
     )
     assert with_history.text == "question: Where is Paris?"
-    assert with_history.notes == ["t5-qa answers one message at a time; earlier turns were not sent"]
+    assert with_history.notes == ["this model answers one message at a time; earlier turns were not sent"]
     assert with_history.dropped_turns == 0
     alone = build_prompt(
         "t5-qa", [user("Where?")], t5_tok, context_length=1024, max_new_tokens=64, seq2seq=True
@@ -468,7 +468,7 @@ def test_single_turn_styles_note_history_only_when_there_was_some(t5_tok):
     assert both.text == "generate python: Reverse."
     assert both.notes == [
         NOTE_NO_SYSTEM,
-        "t5-code answers one message at a time; earlier turns were not sent",
+        "this model answers one message at a time; earlier turns were not sent",
     ]
 
 
