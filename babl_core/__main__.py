@@ -209,7 +209,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=5) as response:
             data = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
-        _err(f"no Babl server answered at {url} ({exc}); start one with `make run`, or pass --url")
+        from babl_core.settings import serve_command
+
+        _err(f"no Babl server answered at {url} ({exc}); start one with `{serve_command()}`, or pass --url")
         return EXIT_FAILED
     if args.json:
         print(json.dumps(data, indent=2))

@@ -61,6 +61,11 @@ def shipped_root() -> Path:
     return BUNDLE_DIR if installed() else REPO_ROOT
 
 
+def serve_command() -> str:
+    """How the user at hand starts the app, for messages: `make run` in a checkout, else `babl serve`."""
+    return "babl serve" if installed() else "make run"
+
+
 def home() -> Path:
     """Where Babl keeps `data/` and `models/`: `BABL_HOME` when set; otherwise the repo root in a
     checkout and the platform's user data dir (e.g. `~/.local/share/babl`) when installed, so

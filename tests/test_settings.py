@@ -206,3 +206,10 @@ def test_babl_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"babl {__version__}"
+
+
+def test_messages_name_the_way_this_babl_starts(installed, capsys):
+    from babl_core.__main__ import main
+
+    assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
+    assert "start one with `babl serve`" in capsys.readouterr().err
