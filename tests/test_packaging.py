@@ -36,6 +36,9 @@ BUNDLE = "babl_core/_bundle"
 NOT_SOURCES = {".venv", ".git", "models", "data", ".files", "build", "dist", ".pytest_cache", ".ruff_cache",
                "test-output"}  # fmt: skip
 
+# Nothing downloaded: this venv's setuptools builds, the test venv's packages are reused.
+OFFLINE_PIP = ("--no-deps", "--no-index", "--disable-pip-version-check")
+
 
 def _not_sources(folder: str, names: list[str]) -> set[str]:
     skipped = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
@@ -49,8 +52,8 @@ def copy_checkout(target: Path) -> Path:
 
 def build_wheel(source: Path, out: Path) -> Path:
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(out), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(source), "-w", str(out), "-q", *OFFLINE_PIP,
+         "--no-build-isolation"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,7 +166,7 @@ def installed(wheel, tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("BABL_", "CHAINLIT_", "NGROK_", "PIP_")) and k != "PYTHONPATH"}  # fmt: skip
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", BABL_HOME=str(root / "home"))
-    result = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+    result = subprocess.run([python, "-m", "pip", "install", "-q", *OFFLINE_PIP, str(wheel)],
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     empty = root / "empty"
