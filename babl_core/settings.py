@@ -80,12 +80,12 @@ def home() -> Path:
     return user_data_path("babl", appauthor=False)
 
 
-def _search_roots() -> list[Path]:
+def _search_roots(*, cwd: bool = True) -> list[Path]:
     """Where a relative path from a config file or setting is looked for, in order. In a checkout
-    without BABL_HOME this is the repo root alone, as before; installed, the home, the current folder,
-    the bundle (configs) and site-packages (`finetune/samples/`)."""
+    without BABL_HOME this is the repo root alone, as before; installed, the home, the current folder
+    (`cwd=False` leaves it out), the bundle (configs) and site-packages (`finetune/samples/`)."""
     roots = [home()]
-    if installed():
+    if cwd and installed():
         roots.append(Path.cwd())
     roots += [shipped_root(), REPO_ROOT]
     unique: list[Path] = []
@@ -127,10 +127,9 @@ def portable_path(path: str | os.PathLike) -> str:
     """The inverse of `resolve_path`: `models/...` inside the models directory, relative inside the
     home or what ships with Babl, else absolute."""
     path = Path(path).resolve()
-    roots = [(models_dir().resolve(), "models")] + [(root.resolve(), "") for root in _search_roots()]
+    # Not relative to the current folder: that would not resolve back when run from another one.
+    roots = [(models_dir().resolve(), "models")] + [(r.resolve(), "") for r in _search_roots(cwd=False)]
     for root, prefix in roots:
-        if installed() and root == Path.cwd().resolve() and not prefix:
-            continue  # relative to the current folder would not resolve back from another folder
         try:
             rel = path.relative_to(root).as_posix()
         except ValueError:
