@@ -92,6 +92,7 @@ def expected_files() -> set[str]:
     return expected
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_what_the_app_and_the_recipes_load(wheel):
     names = wheel_names(wheel)
     shipped = {n for n in names if ".dist-info/" not in n}

@@ -163,6 +163,7 @@ def test_serve_copies_the_app_files_to_the_home_and_refreshes_them(installed, tm
     assert (root / "chainlit.md").read_text() == "# a new version's welcome page\n"
 
 
+@pytest.mark.slow  # importing chainlit: ~8 s
 def test_babl_serve_runs_chainlit_in_the_app_root(checkout, monkeypatch):
     import chainlit.cli
 
