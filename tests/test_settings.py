@@ -214,3 +214,19 @@ def test_messages_name_the_way_this_babl_starts(installed, capsys):
 
     assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
     assert "start one with `babl serve`" in capsys.readouterr().err
+
+
+def test_installed_adduser_writes_under_the_home_and_babl_auth_finds_it_from_any_folder(
+    installed, tmp_path, monkeypatch
+):
+    from babl_core import auth
+
+    monkeypatch.setenv("BABL_HOME", str(tmp_path / "home"))
+    assert auth.default_users_path() == tmp_path / "home" / "data" / "users.toml"
+    auth.add_user("alice", "a long enough secret", auth.default_users_path())
+    assert settings.portable_path(auth.default_users_path()) == "data/users.toml"  # what adduser prints
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("BABL_AUTH", "@data/users.toml")
+    assert auth.load_users().verify("alice", "a long enough secret")
