@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adduser)
 
     # Listed for --help only: main() hands everything after `finetune` to the finetune CLI.
-    sub.add_parser("finetune", help="train, eval, predict, merge, experiment (see `finetune --help`)")
+    sub.add_parser("finetune", help="train, eval, predict, merge, experiment (`finetune --help` for more)")
     return parser
 
 
