@@ -1,6 +1,7 @@
-"""`python -m babl_core`: models, generate, demo, download, status, adduser.
+"""`babl` (or `python -m babl_core`): serve, models, generate, demo, download, status, adduser, finetune.
 
 Each command is a plain function; heavy imports happen inside them so `--help` is instant.
+`babl finetune ...` hands its arguments to the finetune CLI unchanged (`python -m finetune ...`).
 Exit codes: 0 ok, 1 failed while running, 2 bad usage (unknown model, bad setting), 3 model unavailable.
 """
 
@@ -114,6 +115,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("stopped")
         return EXIT_FAILED
+    finally:
+        _let_workers_finish()
+
+
+def _let_workers_finish(timeout: float = 10.0) -> None:
+    """Wait for Babl's worker threads (batch scheduler, loads) to end before the interpreter does:
+    finalizing Python while a daemon thread is still inside torch sometimes aborts the process
+    ("terminate called without an active exception", exit 134) after the answer was printed."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith("babl-"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +217,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=5) as response:
             data = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
-        _err(f"no Babl server answered at {url} ({exc}); start one with `make run`, or pass --url")
+        from babl_core.settings import serve_command
+
+        _err(f"no Babl server answered at {url} ({exc}); start one with `{serve_command()}`, or pass --url")
         return EXIT_FAILED
     if args.json:
         print(json.dumps(data, indent=2))
@@ -228,13 +246,47 @@ def cmd_adduser(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the chat app and its API (what `make run` starts), from any folder."""
+    from babl_core.launch import serve
+
+    return serve(host=args.host, port=args.port, tunnel=args.tunnel, headless=args.headless)
+
+
+def run_finetune(argv: list[str]) -> int:
+    """`babl finetune ...`: the finetune CLI with the same arguments."""
+    # As `python -m finetune` does, before torch loads OpenMP: idle OpenMP threads that spin steal
+    # the cores of a shared machine (see finetune/__main__.py). A value in the environment still wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from finetune.__main__ import main as finetune_main
+
+    return finetune_main(argv)
+
+
+def _prog() -> str:
+    return "babl" if os.path.basename(sys.argv[0] or "").startswith("babl") else "python -m babl_core"
+
+
+# --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from babl_core import __version__
+
     parser = argparse.ArgumentParser(
-        prog="python -m babl_core",
+        prog=_prog(),
         description="Babl: chat with local code and text models. Exit codes: 0 ok, 1 failed, "
         "2 bad usage, 3 model unavailable.",
     )
+    parser.add_argument("--version", action="version", version=f"babl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="start the chat app and its API", description=cmd_serve.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument(
+        "--tunnel", action="store_true", help="also open an ngrok tunnel (needs NGROK_AUTHTOKEN; see README)"
+    )
+    p.add_argument("--headless", action="store_true", help="do not open a browser tab")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the catalog with availability", description=cmd_models.__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -279,10 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="user name")
     p.add_argument("--file", help="users file (default data/users.toml); use it with BABL_AUTH=@<file>")
     p.set_defaults(func=cmd_adduser)
+
+    # Listed for --help only: main() hands everything after `finetune` to the finetune CLI.
+    sub.add_parser("finetune", help="train, eval, predict, merge, experiment (`finetune --help` for more)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:
+        return run_finetune(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -449,7 +449,7 @@ def adduser_interactive(name: str, path: str | os.PathLike | None = None) -> Pat
     add_user(name, password, target)
     shown = settings.portable_path(target)
     print(f"{'Updated' if existed else 'Added'} user {name!r} in {shown}.")
-    print(f"Start the app with the login on:  BABL_AUTH=@{shown} make run")
+    print(f"Start the app with the login on:  BABL_AUTH=@{shown} {settings.serve_command()}")
     return target
 
 

@@ -306,6 +306,28 @@ def looks_like_path(value: str) -> bool:
     return settings.resolve_path(value).exists() or value.split("/")[0] == "models"
 
 
+# Fields of an entry that may name a local file or folder (`gguf_file` where the catalog has it).
+PATH_FIELDS = ("base", "adapter", "gguf_file")
+
+
+def anchor_paths(spec: ModelSpec, folder: Path) -> ModelSpec:
+    """Relative local paths of a catalog entry made absolute against the catalog file's folder, so
+    a catalog kept anywhere (BABL_MODELS) names models next to it, whatever the current folder or
+    where Babl is installed. `models/...` keeps meaning Babl's models directory; hub ids stay."""
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(spec, name, None)
+        if not isinstance(value, str) or not value or value.split("/")[0] == "models":
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            continue
+        explicit = value.startswith(".") or value.count("/") > 1 or "\\" in value
+        if explicit or (folder / path).exists():
+            changes[name] = str(folder / path)
+    return replace(spec, **changes) if changes else spec
+
+
 def hub_cached_dir(repo_id: str, marker: str = "config.json") -> Path | None:
     """The snapshot directory of `repo_id` in the HF cache when `marker` and weights are there."""
     try:
@@ -532,7 +554,8 @@ class Catalog:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise CatalogError(str(path), [f"not valid YAML: {exc}"]) from None
-        return cls(parse_catalog(data, str(path)), str(path))
+        folder = path.resolve().parent
+        return cls([anchor_paths(spec, folder) for spec in parse_catalog(data, str(path))], str(path))
 
     def list(self) -> list[ModelSpec]:
         """Catalog entries (adapters they wait for filled in) then newly discovered adapters."""

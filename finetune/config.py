@@ -589,7 +589,7 @@ def load_config(
     Raises:
         ConfigError: every problem found, each with its fix.
     """
-    path = Path(path)
+    path = settings.shipped_file(path)  # a shipped recipe by its documented name, from any folder
     source = settings.portable_path(path) if path.exists() else str(path)
     config, problems = build_config(read_yaml(path), overrides=overrides, source=source)
     if not problems and check_environment:

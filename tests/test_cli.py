@@ -107,7 +107,7 @@ def test_demo_if_missing_is_quick_when_up_to_date(session_models_dir, capsys):
 
 
 def test_every_command_has_help():
-    for command in ("models", "generate", "demo", "download", "status", "adduser"):
+    for command in ("serve", "models", "generate", "demo", "download", "status", "adduser"):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0
