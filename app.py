@@ -255,8 +255,8 @@ async def answer(message: cl.Message) -> None:
     command = chat_ui.command_of(message.command, message.content)
     if command:
         if not message.content.strip():
-            # Picked from the command menu, the message is empty: an empty pill in the chat and
-            # in the resumed chat. Say which command it was.
+            # Picked from the command menu, the message is empty: an empty pill in the chat. Say
+            # which command it was (the history stores it so too: BablDataLayer.create_step).
             message.content = f"/{command}"
             await message.update()
         state = _state()

@@ -532,6 +532,14 @@ class BablDataLayer(SQLAlchemyDataLayer):
     async def create_step(self, step_dict):
         if step_dict.get("threadId") in self._deleted:
             return
+        if (
+            step_dict.get("type") == "user_message"
+            and step_dict.get("command")
+            and not str(step_dict.get("output") or "").strip()
+        ):
+            # A command picked from the menu is an empty message: stored as `/name`, a resumed chat
+            # shows which command ran instead of an empty grey pill.
+            step_dict = {**step_dict, "output": f"/{step_dict['command']}"}
         await super().create_step(step_dict)
 
     async def _session_may_write(self, thread_id: str | None, what: str) -> bool:

@@ -219,9 +219,10 @@ def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
         chainlit_context(thread_id)
         await layer.update_thread(thread_id, name=messages[0], user_id=user_id)
         for message in messages:
-            await layer.create_step(
-                cl.Message(content=message, type="user_message", author="alice").to_dict()
-            )
+            # An empty message is a command picked from the menu (Chainlit sends its name apart).
+            command = "export" if not message else None
+            step = cl.Message(content=message, type="user_message", author="alice", command=command)
+            await layer.create_step(step.to_dict())
             await layer.create_step(cl.Message(content="an answer", author="Babl").to_dict())
         return thread_id
 
@@ -239,6 +240,8 @@ def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
     commands, chat, listed, opened = run(go())
     assert listed == [chat]  # a chat with a question is listed, even when it began with a command
     assert opened is not None and opened["id"] == commands  # still stored, and opens by its link
+    shown = [s["output"] for s in opened["steps"] if s["type"] == "user_message"]
+    assert shown == ["/export", "/status", "/EXPORT "]  # the picked command is stored by its name
 
 
 def test_a_failed_write_is_an_error_in_the_log_with_its_cause(db, tmp_path, caplog):
