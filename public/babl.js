@@ -58,11 +58,19 @@
         return (el.textContent || '').trim().toLowerCase();
       });
       if (names.indexOf(typed.slice(1)) < 0) return;
-      // Chainlit's handler (after this one) turns the text into the command chip; then send it.
-      setTimeout(function () {
+      // Chainlit's handler (after this one) turns the text into the command chip; send it once the
+      // send button is enabled again. Still disabled after a moment (an answer is running, when
+      // Chainlit sends nothing either): the chip stays, and the next Enter sends it.
+      var tries = 0;
+      var send = function () {
         var submit = document.getElementById('chat-submit');
-        if (submit && !submit.disabled) submit.click();
-      }, 0);
+        if (submit && !submit.disabled && !(document.getElementById('chat-input').value || '').trim()) {
+          submit.click();
+        } else if (++tries < 40) {
+          setTimeout(send, 50);
+        }
+      };
+      setTimeout(send, 0);
     },
     true
   );

@@ -134,6 +134,9 @@ def new_chat(page, url: str) -> None:
 
 
 def run_status(page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#stop-button")).to_have_count(0, timeout=30000)  # the last answer has ended
     before = page.locator(ANSWERS).filter(has_text="Answers running").count()
     page.locator("#chat-input").fill("/status")
     page.locator("#chat-input").press("Enter")
