@@ -97,7 +97,7 @@ class ChainlitAnswer:
     """
 
     def __init__(self, author: str, turn: Callable[[], dict | None] | None = None) -> None:
-        self.message = cl.Message(content="", author=author)
+        self.message = cl.Message(content="", author=chat_ui.message_author(author))
         self._sent = False
         self._preview: cl.CustomElement | None = None
         self._turn = turn
@@ -237,9 +237,11 @@ async def update_settings(values: dict) -> None:
                 f"Could not switch to `{new.id}`: {failure}\n\nStill answering with `{state.chat.model_id}`."
             )
         else:
-            chat_ui.settings_for_new_model(state, new, change.touched)
+            changed, kept = chat_ui.settings_for_new_model(state, new)
             task_changed = previous is None or previous.spec.task != new.task
-            notes.append(chat_ui.switched_text(new, description, task_changed=task_changed))
+            notes.append(
+                chat_ui.switched_text(new, description, task_changed=task_changed, changed=changed, kept=kept)
+            )
     # Always re-sent: the widgets then show what is in effect (a refused model, a rejected value,
     # the new model's defaults).
     await _send_settings(state, choices)
@@ -250,18 +252,34 @@ async def update_settings(values: dict) -> None:
 @cl.on_message
 async def answer(message: cl.Message) -> None:
     svc = service()
-    if chat_ui.is_status_command(message.command, message.content):
-        status = await asyncio.to_thread(svc.status)
-        await cl.Message(content=chat_ui.status_markdown(status), author="Babl").send()
-        return
-    if chat_ui.is_command(chat_ui.EXPORT_COMMAND, message.command, message.content):
-        await _export(_state())
+    command = chat_ui.command_of(message.command, message.content)
+    if command:
+        if not message.content.strip():
+            # Picked from the command menu, the message is empty: an empty pill in the chat. Say
+            # which command it was (the history stores it so too: BablDataLayer.create_step).
+            message.content = f"/{command}"
+            await message.update()
+        state = _state()
+        if state is not None and not state.named_by:
+            state.named_by = "command"
+        if command == chat_ui.STATUS_COMMAND:
+            status = await asyncio.to_thread(svc.status)
+            names = chat_ui.status_names(await asyncio.to_thread(svc.catalog.list))
+            await cl.Message(content=chat_ui.status_markdown(status, names), author="Babl").send()
+        else:
+            await _export(state)
         return
     choices = await _listing()
     state = _state() or await _new_state(choices)
     if state is None:
         await _error(chat_ui.welcome_text(None, choices, public_url=None))
         return
+    if state.named_by != "question":
+        # Chainlit names a thread after its first message; when that was a command, the first
+        # question names it instead.
+        if state.named_by == "command":
+            await history.name_thread(history.title_of(message.content))
+        state.named_by = "question"
     if chat_ui.listing_key(choices) != state.listing:
         await _send_settings(state, choices)  # a new adapter or model: shown at the next message
     state.begin_turn(message.id)  # an edited message rewinds the conversation to before it
@@ -352,7 +370,7 @@ async def compare_with_base(action: cl.Action) -> None:
             view,
             task=reply.spec.task,
             preview=state.preview,
-            header="**The same prompt on the base model, without the adapter:**\n\n",
+            header=f"**The same prompt on the base model, {reply.model_id}, without the adapter:**\n\n",
             preview_id=view.message.id,
         )
     except chat_ui.USER_ERRORS as exc:

@@ -52,9 +52,13 @@ class _Entry:
         return self.loaded.footprint_bytes if self.loaded else self.estimate_bytes
 
 
+def base_ref(spec: ModelSpec) -> str:
+    """The entry's base as the cache names it: a hub id, or the absolute path of a local folder."""
+    return str(settings.resolve_path(spec.base).resolve()) if looks_like_path(spec.base) else spec.base
+
+
 def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
-    base = str(settings.resolve_path(spec.base).resolve()) if looks_like_path(spec.base) else spec.base
-    return (base, plan.quantization, plan.dtype, plan.device)
+    return (base_ref(spec), plan.quantization, plan.dtype, plan.device)
 
 
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from babl_core import words
-from babl_core.cache import ModelCache
+from babl_core.cache import ModelCache, base_ref
 from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
 from babl_core.generation import stream as default_stream
@@ -100,7 +100,9 @@ class ChatReply:
 
     @property
     def model_id(self) -> str:
-        return self.spec.id if self.use_adapter else f"{self.spec.id} (base, no adapter)"
+        """The model that writes this answer: the entry's id, or for a comparison without the
+        adapter the base model's name (`ChatService.base_name`)."""
+        return self.spec.id if self.use_adapter else self.service.base_name(self.spec)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -436,6 +438,16 @@ class ChatService:
         params = GenerationParams.from_defaults(spec.generation, **merged).validate()
         messages = [{"role": "user", "content": prompt}]
         return ChatReply(self, None, spec, messages, params, record=False, stop_event=stop_event, raw=True)
+
+    def base_name(self, spec: ModelSpec) -> str:
+        """How people know the base of an adapter entry: the id of the catalog entry that serves that
+        base without an adapter (`demo-html`), else the base's own name (the last part of its hub
+        id or folder, e.g. `codegen-350M-mono`)."""
+        base = base_ref(spec)
+        for entry in self.catalog.entries:  # bases are catalog entries; discovered ones are adapters
+            if not entry.adapter and entry.backend == spec.backend and base_ref(entry) == base:
+                return entry.id
+        return base.rstrip("/").rsplit("/", 1)[-1] or base
 
     def compare_with_base(self, session: ChatSession, *, stop_event=None) -> ChatReply:
         """The last question again on the base model without the adapter (weights shared)."""

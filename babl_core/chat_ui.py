@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from babl_core import words
-from babl_core.cache import ModelBusy
+from babl_core.cache import ModelBusy, base_ref
 from babl_core.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatSession, coalesce
 from babl_core.generation import GenerationError
@@ -130,28 +131,34 @@ class ModelChoice:
         return self.availability.servable
 
 
-def _short_reason(reason: str, limit: int = 60) -> str:
-    first = reason.split(";")[0].strip()
-    return first if len(first) <= limit else first[: limit - 1] + "…"
+UNUSABLE_MARK = "\n"  # an unusable entry's label: its name, then this, then "<word>: <reason>"
 
 
 def model_choices(specs: Iterable[ModelSpec]) -> list[ModelChoice]:
     """Dropdown entries for `specs` (a `Catalog.list()`), in catalog order.
 
-    Servable entries are labelled with `display_label` (task, quantization, "demo — random weights");
-    the others add their availability word and the start of the reason, so nobody picks one
-    unknowingly. Labels are made unique (Chainlit's Select maps label → value).
+    Servable entries are labelled with `display_label` (task, quantization, "demo — random weights").
+    The others add, on a second line (`UNUSABLE_MARK`), their availability word and the whole
+    reason, so nobody picks one unknowingly; `public/babl.js` shows those entries disabled, with the
+    reason wrapped inside the dialog. Entries whose labels would be the same (several runs of one
+    recipe) each name their id, so every label is unique: Chainlit's Select maps label → value.
     """
+    specs = list(specs)
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[spec.display_label] = counts.get(spec.display_label, 0) + 1
     choices: list[ModelChoice] = []
     seen: set[str] = set()
     for spec in specs:
         avail = availability(spec)
         label = spec.display_label
-        if not avail.servable:
-            label = f"{label} — {avail.word}: {_short_reason(avail.reason)}"
-        if label in seen:
-            label = f"{label} [{spec.id}]"
+        if counts[label] > 1:
+            label = f"{label} · {spec.id}"
+        if label in seen:  # two entries with one id cannot both be listed; keep the labels unique anyway
+            label = f"{label} ({len(seen)})"
         seen.add(label)
+        if not avail.servable:
+            label = f"{label}{UNUSABLE_MARK}{avail.word}: {avail.reason}"
         choices.append(ModelChoice(spec, avail, label))
     return choices
 
@@ -198,6 +205,10 @@ class UiState:
             edit of that message rewinds the conversation to there.
         stop_event: Set by the stop button; a fresh one per answer.
         compare_action: The "Compare with base" button on the latest answer (a Chainlit object).
+        user_set: Generation settings the user changed in this chat: a model switch keeps them,
+            while the others take the new model's defaults.
+        named_by: What named the chat's thread: "" (no message yet), "command" (Chainlit named
+            it after a command, so the first question renames it) or "question".
     """
 
     chat: ChatSession
@@ -206,6 +217,8 @@ class UiState:
     marks: dict[str, int] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)
     compare_action: Any = None
+    user_set: set[str] = field(default_factory=set)
+    named_by: str = ""
 
     @classmethod
     def for_model(cls, spec: ModelSpec) -> UiState:
@@ -255,7 +268,7 @@ def settings_widgets(choices: list[ModelChoice], state: UiState) -> list[dict[st
     unservable = [c for c in choices if not c.servable]
     model_help = "The model that writes the next answer; the conversation is kept when you switch."
     if unservable:
-        model_help += " Entries showing an availability word cannot be served here; pick one to see why."
+        model_help += " Greyed-out entries cannot be used on this machine; each one says why."
     return [
         {
             "kind": "select",
@@ -417,17 +430,49 @@ def read_settings(values: dict[str, Any], state: UiState, choices: list[ModelCho
 def apply_settings(state: UiState, change: SettingsChange) -> None:
     """Store the checked values in the session (the model switch is done separately)."""
     state.chat.settings.update(change.settings)
+    state.user_set |= change.touched
     state.chat.system_prompt = change.system_prompt
     state.preview = change.preview
 
 
-def settings_for_new_model(state: UiState, spec: ModelSpec, touched: set[str]) -> None:
-    """After a switch, the new entry's defaults apply, except for values the user set in the same
-    submit (DESIGN.md: defaults come from the entry)."""
-    defaults = entry_settings(spec)
-    for key in GENERATION_KEYS:
-        if key not in touched:
-            state.chat.settings[key] = defaults[key]
+@dataclass(frozen=True)
+class SettingChange:
+    """One generation setting as a model switch left it."""
+
+    key: str
+    before: Any
+    after: Any
+
+    @property
+    def name(self) -> str:
+        return self.key.replace("_", " ")
+
+
+def settings_for_new_model(
+    state: UiState, spec: ModelSpec
+) -> tuple[list[SettingChange], list[SettingChange]]:
+    """After a switch to `spec`: settings the user changed in this chat (`state.user_set`) keep their
+    value; every other one takes the new entry's default (DESIGN.md: defaults come from the entry).
+
+    Returns:
+        (changed, kept): the settings whose value changed to the new default, and the user's values
+        that were kept although the new entry's default differs — for the switch message.
+    """
+    changed: list[SettingChange] = []
+    kept: list[SettingChange] = []
+    for key, default in entry_settings(spec).items():
+        current = state.chat.settings.get(key)
+        if key in state.user_set:
+            if current != default:
+                kept.append(SettingChange(key, current, default))
+        elif current != default:
+            state.chat.settings[key] = default
+            changed.append(SettingChange(key, current, default))
+    return changed, kept
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,12 +515,36 @@ def welcome_text(choice: ModelChoice | None, choices: list[ModelChoice], *, publ
     return "\n".join(lines)
 
 
-def switched_text(spec: ModelSpec, description: str, *, task_changed: bool) -> str:
-    """The message after a switch: the new model, what was loaded (`describe()`), the task's hint."""
+def switched_text(
+    spec: ModelSpec,
+    description: str,
+    *,
+    task_changed: bool,
+    changed: Iterable[SettingChange] = (),
+    kept: Iterable[SettingChange] = (),
+) -> str:
+    """The message after a switch: the new model, what was loaded (`describe()`), each setting the
+    switch changed (to the new model's default) or kept (the user's value), and the task's hint."""
     text = f"Now answering with {model_line(spec)} — {description}. The conversation is kept."
+    lines = [f"- {c.name} {_value(c.before)} → {_value(c.after)}, the new model's default" for c in changed]
+    lines += [
+        f"- {c.name} stays {_value(c.before)}, your setting (the new model's default is {_value(c.after)})"
+        for c in kept
+    ]
+    if lines:
+        text += "\n\n" + "\n".join(lines)
     if task_changed:
         text += f"\n\n{task_hint(spec.task)}"
     return text
+
+
+_NOT_IN_AVATAR_NAMES = re.compile(r"[^A-Za-z0-9_ .-]+")
+
+
+def message_author(name: str) -> str:
+    """A message's author as Chainlit can show it: the browser fetches `/avatars/<author>`, which
+    answers 400 for any character outside letters, digits, `_`, space, `.` and `-`."""
+    return _NOT_IN_AVATAR_NAMES.sub("-", name).strip() or "Babl"
 
 
 def answer_footer(reply: ChatReply) -> str:
@@ -512,18 +581,40 @@ def error_text(exc: BaseException) -> str:
     return f"A setting is not valid: {exc}. Change it in the settings."
 
 
-def status_markdown(status: dict) -> str:
-    """`/status`: `ChatService.status()` (loaded bases, adapters, memory, batches, running answers and
-    the queue) as a small table; `chat.format_status` is the same for a terminal."""
+def status_names(specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
+    """What `/status` calls each loaded base and adapter: the ids of the catalog entries that serve
+    it (a base shared by several entries lists them all), keyed as `ChatService.status()` names
+    them (the base's hub id or absolute folder, the adapter's reference)."""
+    names: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.backend != "local":
+            continue
+        key = spec.adapter if spec.adapter else base_ref(spec)
+        names.setdefault(key, []).append(spec.id)
+    return names
+
+
+def _model_name(ref: str, names: dict[str, list[str]]) -> str:
+    # Never an absolute path: an unknown base or adapter shows the last part of its name.
+    return ", ".join(names.get(ref) or [ref.rstrip("/").rsplit("/", 1)[-1] or ref])
+
+
+def status_markdown(status: dict, names: dict[str, list[str]] | None = None) -> str:
+    """`/status`: `ChatService.status()` for the chat. Models by their ids (`status_names`), a narrow
+    table that fits the message column (model, adapters, answers running and waiting, memory), then
+    one wrapped line per model with how it is loaded and its batch. Counts only: nobody's name or
+    question. `chat.format_status` is the same for a terminal."""
+    names = names or {}
     running = status.get("active_generations", 0)
     remote = status.get("remote_active_generations", 0)
     queue = status.get("queue", 0)
     lines = [
-        f"**Running answers:** {running}"
+        f"**Answers running:** {running}"
         + (f" ({remote} remote)" if remote else "")
         + f" · **waiting:** {queue}"
         + (
-            f" ({status.get('waiting_for_load', 0)} for a model, {status.get('waiting_to_join', 0)} for a batch row)"
+            f" ({status.get('waiting_for_load', 0)} for a model to load, "
+            f"{status.get('waiting_to_join', 0)} for a place in a batch)"
             if queue
             else ""
         )
@@ -536,24 +627,25 @@ def status_markdown(status: dict) -> str:
     if not bases:
         lines.append("\nNo model is loaded yet; the first answer loads one.")
         return "\n".join(lines)
-    lines += [
-        "",
-        "| base | state | memory | adapters | running | batch | idle | loaded as |",
-        "|---|---|---:|---|---:|---|---:|---|",
-    ]
+    lines += ["", "| model | adapters | running | waiting | memory |", "|---|---|---:|---:|---:|"]
+    details = []
     for base in bases:
-        adapters = ", ".join(base.get("adapters", [])) or "—"
+        model = _model_name(base["base"], names)
+        adapters = ", ".join(_model_name(ref, names) for ref in base.get("adapters", [])) or "—"
         batch = base.get("batch")
-        rows = (
-            f"{batch['active_rows']} of {batch['max_rows']} rows, {batch['waiting']} waiting"
-            if batch
-            else "—"
-        )
+        waiting = batch["waiting"] if batch else 0
         lines.append(
-            f"| {_cell(base['base'])} | {base['state']} | {base['memory_mb']:.0f} MB | {_cell(adapters)} | "
-            f"{base['active_generations']} | {rows} | {base['idle_s']:.0f} s | {_cell(base.get('description', ''))} |"
+            f"| {_cell(model)} | {_cell(adapters)} | {base['active_generations']} | {waiting} | "
+            f"{base['memory_mb']:.0f} MB |"
         )
-    return "\n".join(lines)
+        detail = f"- **{_cell(model)}**: {base['state']}"
+        if base.get("description"):
+            detail += f", {base['description']}"
+        if batch:
+            detail += f" · batch: {batch['active_rows']} of {batch['max_rows']} rows decoding"
+        detail += f" · idle {base['idle_s']:.0f} s"
+        details.append(detail)
+    return "\n".join([*lines, "", *details])
 
 
 def _cell(text: str) -> str:
@@ -563,6 +655,11 @@ def _cell(text: str) -> str:
 def is_command(name: str, command: str | None, text: str) -> bool:
     """Command `name` (`status`, `export`): picked from Chainlit's command menu, or typed as `/name`."""
     return command == name or text.strip().lower() == f"/{name}"
+
+
+def command_of(command: str | None, text: str) -> str | None:
+    """The Babl command a message runs (`status`, `export`), or None for a question."""
+    return next((c["id"] for c in COMMANDS if is_command(c["id"], command, text)), None)
 
 
 def is_status_command(command: str | None, text: str) -> bool:
@@ -635,7 +732,8 @@ async def stream_answer(
 ) -> AnswerOutcome:
     """Stream `reply` into `view`: text coalesced to at most `max_rate_hz` updates a second and
     formatted for the task at each update; for html answers a throttled live preview (when
-    `preview`), then the final preview and a download. The last `show` carries the footer.
+    `preview`), then the final preview with its download button, or without a preview a download
+    file. The last `show` carries the footer.
 
     Raises what iterating the reply raises (BadMessage for a prompt too long, GenerationError ...);
     text already shown is finalised first, marked as failed.
@@ -666,12 +764,15 @@ async def stream_answer(
     html = page_of_answer(text, partial=cut) if task == "html" else None
     if html:
         title = _preview_title(html, fallback_title)
+        # One download control per answer: the preview's own button when the preview is shown (it
+        # is stored with the chat, so a resumed chat has it too), else a file.
         if preview:
             throttle.due(html, final=True)
             await view.show_preview(
                 preview_props(html, final=True, title=title, preview_id=preview_id), final=True
             )
-        await view.offer_download(download_attachment(html, title=title))
+        else:
+            await view.offer_download(download_attachment(html, title=title))
     return AnswerOutcome(text, reply.stats.finish_reason, html)
 
 

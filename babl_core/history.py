@@ -496,6 +496,10 @@ class BablDataLayer(SQLAlchemyDataLayer):
 
     async def get_all_user_threads(self, user_id: str | None = None, thread_id: str | None = None):
         threads = await super().get_all_user_threads(user_id=user_id, thread_id=thread_id)
+        if thread_id is None and threads:
+            # The sidebar's listing: a chat that only ran commands (/status, /export) is not a
+            # conversation to come back to, and would show as "Untitled Conversation".
+            threads = [thread for thread in threads if not only_commands(thread)]
         for thread in threads or []:
             thread["metadata"] = _decode_json(thread.get("metadata")) or {}
             thread["tags"] = _decode_json(thread.get("tags"))
@@ -528,6 +532,14 @@ class BablDataLayer(SQLAlchemyDataLayer):
     async def create_step(self, step_dict):
         if step_dict.get("threadId") in self._deleted:
             return
+        if (
+            step_dict.get("type") == "user_message"
+            and step_dict.get("command")
+            and not str(step_dict.get("output") or "").strip()
+        ):
+            # A command picked from the menu is an empty message: stored as `/name`, a resumed chat
+            # shows which command ran instead of an empty grey pill.
+            step_dict = {**step_dict, "output": f"/{step_dict['command']}"}
         await super().create_step(step_dict)
 
     async def _session_may_write(self, thread_id: str | None, what: str) -> bool:
@@ -666,6 +678,17 @@ def register_file_route(app) -> None:
 # What a session stores, and a session rebuilt from it
 
 
+def only_commands(thread: Mapping[str, Any]) -> bool:
+    """Whether every message the user sent in this thread was a command (`/status`, `/export`; a
+    command picked from the menu is stored with its `/name` or, before Babl wrote that, empty)."""
+    commands = {"", *(f"/{command['id']}" for command in chat_ui.COMMANDS)}
+    return all(
+        str(step.get("output") or "").strip().lower() in commands
+        for step in thread.get("steps") or []
+        if step.get("type") == "user_message"
+    )
+
+
 def turn_record(chat: ChatSession, reply: ChatReply, *, question_id: str) -> dict | None:
     """The turn `reply` just added to `chat`, as kept in the answer step's metadata (`TURN_KEY`).
 
@@ -787,6 +810,7 @@ def resumed_state(
     notes += [f"Stored setting not restored: {problem}" for problem in change.problems]
     state.chat.messages = conversation.messages
     state.marks = conversation.marks
+    state.named_by = "question"  # a listed thread has its name
     if thread.get("id"):
         state.chat.id = str(thread["id"])
     return state, notes
@@ -798,8 +822,12 @@ def resumed_state(
 
 def conversation_title(chat: ChatSession) -> str:
     """The first line of the first question, shortened (Chainlit names threads by it too)."""
-    first = next((m["content"] for m in chat.messages if m["role"] == "user"), "")
-    line = first.strip().splitlines()[0] if first.strip() else "conversation"
+    return title_of(next((m["content"] for m in chat.messages if m["role"] == "user"), ""))
+
+
+def title_of(question: str) -> str:
+    """A conversation's title from its first question: the first line, shortened."""
+    line = question.strip().splitlines()[0] if question.strip() else "conversation"
     return line if len(line) <= 60 else line[:59] + "…"
 
 
@@ -920,6 +948,16 @@ async def save_settings(state: chat_ui.UiState) -> bool:
     # so that write cannot bring back older settings.
     user_sessions.setdefault(session.id, {})[SESSION_KEY] = snapshot
     await layer.update_thread(thread_id=session.thread_id, metadata={SESSION_KEY: snapshot})
+    return True
+
+
+async def name_thread(name: str) -> bool:
+    """Give the current session's thread this name (Chainlit names a thread after its first message,
+    which is empty when that was a command picked from the menu). Returns True when written."""
+    session, layer = _live_session()
+    if session is None:
+        return False
+    await layer.update_thread(thread_id=session.thread_id, name=name)
     return True
 
 

@@ -160,6 +160,8 @@ def extract_html(text: str, *, partial: bool = False) -> str | None:
 
 # --- Markdown for the chat --------------------------------------------------------------------
 
+# Text made only of Markdown syntax characters, which renders as no readable text at all.
+_ONLY_MARKDOWN_SYNTAX = re.compile(r"[\s>#*_\-=+~|`]+")
 # A last line of one or two backticks/tildes: a fence still being typed.
 _INCOMPLETE_FENCE = re.compile(r"(?:\A|\n) {0,3}(?:`{1,2}|~{1,2})\Z")
 
@@ -173,6 +175,8 @@ def format_answer(task: str, text: str, *, partial: bool = False) -> str:
     - email: the text as written, paragraphs kept and line breaks shown (Markdown would otherwise
       join the lines of a paragraph).
     - qa, chat: as written.
+    - any task: an answer made only of Markdown syntax (`>`, `#`, `---` ...) in a ```text block, so
+      the bubble shows what the model wrote instead of nothing.
 
     Safe while streaming: a fence left open by a partial answer is closed, so it cannot swallow
     what follows, and a trailing one- or two-character fence still being typed is held back.
@@ -192,6 +196,10 @@ def format_answer(task: str, text: str, *, partial: bool = False) -> str:
         text = _INCOMPLETE_FENCE.sub("", text)
     if not text.strip():
         return ""
+    if _ONLY_MARKDOWN_SYNTAX.fullmatch(text):
+        # Rendered as Markdown this shows nothing (a line of `>` is an empty quote, `#` an empty
+        # heading, `---` a rule): show the characters the model wrote instead of an empty bubble.
+        return _fence_around(text, "text")
     if task == "html":
         shown = _format_html(text, partial=partial)
     elif task in ("python", "code"):

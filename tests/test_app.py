@@ -209,7 +209,7 @@ def test_chat_start_sends_settings_with_the_default_model_and_a_welcome(app_modu
     assert model["initial"] == "demo-html"  # first servable entry offline, without CUDA
     labels = {item["value"]: item["label"] for item in model["items"]}
     assert labels["demo-python"] == "Python — demo CodeGen (python, demo — random weights)"
-    assert labels["email-t5"].startswith("Email — T5-base + email LoRA (email) — needs-training: ")
+    assert labels["email-t5"].startswith("Email — T5-base + email LoRA (email)\nneeds-training: ")
     assert tab.widget(chat_ui.MAX_NEW_TOKENS)["initial"] == 200  # demo-html's default
     assert tab.widget(chat_ui.TEMPERATURE)["initial"] == 0.0
     assert tab.widget(chat_ui.HTML_PREVIEW)["initial"] is True
@@ -259,8 +259,12 @@ def test_switch_keeps_the_conversation_and_applies_the_new_entrys_defaults(app_m
     assert steps[-1]["output"].startswith("float32 on cpu")
     assert any("Now answering with **HTML — demo Llama" in s["output"] for s in tab.answers())
     assert tab.widget(chat_ui.MODEL)["initial"] == "demo-html"
-    # The user set temperature 0.5 together with demo-python; switching on resets to the entry's 0.0.
-    assert session.settings["temperature"] == 0.0
+    # The user set temperature 0.5 together with demo-python: switching on keeps it, and says so.
+    assert session.settings["temperature"] == 0.5
+    switched = next(
+        s["output"] for s in tab.answers() if "Now answering with **HTML — demo Llama" in s["output"]
+    )
+    assert "- temperature stays 0.5, your setting (the new model's default is 0)" in switched
     assert tab.last_answer()["name"] == "demo-html"
 
 
@@ -399,7 +403,7 @@ def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(app_module,
     assert tab.last_answer()["name"] == "demo-html"
 
 
-def test_html_answer_has_a_sandboxed_preview_and_a_non_html_download(app_module, svc):
+def test_html_answer_has_a_sandboxed_preview_that_is_its_one_download(app_module, svc):
     async def go():
         tab = await started(app_module)
         await tab.send(app_module, "a landing page for a bakery")
@@ -418,11 +422,12 @@ def test_html_answer_has_a_sandboxed_preview_and_a_non_html_download(app_module,
     assert len({e["id"] for e in previews}) == 1  # one element, updated in place
     stored = Path(tab.session.files[previews[-1]["chainlitKey"]]["path"]).read_text()
     assert json.loads(stored) == final  # the element's content (what is stored) follows its props
-    files = [e for e in tab.elements(answer["id"]) if e["type"] == "file"]
-    assert len(files) == 1 and files[0]["mime"] == DOWNLOAD_MIME and files[0]["name"].endswith(".html")
+    # One download control: the preview's button carries the page; no file chip beside it.
+    assert final["filename"].endswith(".html")
+    assert [e for e in tab.elements(answer["id"]) if e["type"] == "file"] == []
 
 
-def test_preview_switch_off_sends_no_preview(app_module, svc):
+def test_preview_switch_off_offers_the_page_as_a_file(app_module, svc):
     async def go():
         tab = await started(app_module)
         await tab.settings(app_module, html_preview=False)
@@ -430,8 +435,9 @@ def test_preview_switch_off_sends_no_preview(app_module, svc):
         return tab
 
     tab = run(go())
-    kinds = [e["type"] for e in tab.elements(tab.last_answer()["id"])]
-    assert kinds == ["file"]
+    files = tab.elements(tab.last_answer()["id"])
+    assert [e["type"] for e in files] == ["file"]
+    assert files[0]["mime"] == DOWNLOAD_MIME and files[0]["name"].endswith(".html")
 
 
 def test_qa_question_with_context(app_module, svc, recorder):
@@ -496,8 +502,10 @@ def test_compare_with_base_shows_the_base_answer_after_the_adapters(
     tab = run(go())
     adapter_answer, base_answer = tab.answers()[-2:]
     assert adapter_answer["name"] == "ad-a"
-    assert base_answer["name"] == "ad-a (base, no adapter)"
-    assert base_answer["output"].startswith("**The same prompt on the base model, without the adapter:**")
+    assert base_answer["name"] == "demo-html"  # the base model by its name (also a valid avatar name)
+    assert base_answer["output"].startswith(
+        "**The same prompt on the base model, demo-html, without the adapter:**"
+    )
     adapter_text = state_of(tab).chat.messages[-1]["content"]
     assert adapter_text[:40] not in base_answer["output"]  # the adapter changes the greedy answer
     assert any(event == "remove_action" for event, _ in tab.events)
@@ -530,9 +538,13 @@ def test_status_command_shows_loaded_models(app_module, svc):
 
     tab = run(go())
     table = tab.last_answer()["output"]
-    assert "**Running answers:** 0" in table and "| ready |" in table and "demo-html" in table
-    assert "| 0 of 16 rows, 0 waiting |" in table  # the answer went through the base's batch scheduler
+    assert "**Answers running:** 0 · **waiting:** 0" in table and "| demo-html | — | 0 | 0 |" in table
+    assert "- **demo-html**: ready, float32 on cpu" in table
+    assert "batch: 0 of 16 rows decoding" in table  # the answer went through the base's batch scheduler
+    assert str(REPO_ROOT) not in table and "/models/" not in table  # ids, not folders
     assert len(state_of(tab).chat.messages) == 2  # not a turn
+    # Picked from the menu, the command's message is empty: it now says which command it was.
+    assert [s["output"] for s in tab.screen() if s["type"] == "user_message"][-1] == "/status"
 
 
 def test_tunnel_refusal_is_printed_at_startup(app_module, monkeypatch, capsys, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -157,7 +158,7 @@ def test_compare_with_base_while_another_session_streams(service, models_dir, ht
     reference = run(collect(service.respond(plain, "A login form")))
     assert base_text == reference and adapter_text != base_text
     assert other_text
-    assert compare.model_id.endswith("(base, no adapter)")
+    assert compare.model_id == "demo-html"  # the base, by the name of its own catalog entry
     assert len(session.messages) == 2  # the comparison is not recorded in the conversation
     assert service.cache.loads == 1  # adapter, base view and the other session share one base
 
@@ -354,3 +355,12 @@ def test_status_shows_bases_batches_generations_and_queue(service, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_base_of_an_adapter_is_named_by_its_catalog_entry_or_its_own_name(service):
+    adapter = replace(service.catalog.get("demo-html"), id="my-run", adapter="models/adapters/my-run")
+    assert service.base_name(adapter) == "demo-html"  # the entry that serves that base without adapter
+    # html-codellama has this base but also an adapter: no entry serves the bare base, so its own name.
+    hub = replace(adapter, base="TinyPixel/CodeLlama-7B-Instruct-bf16-sharded")
+    assert service.base_name(hub) == "CodeLlama-7B-Instruct-bf16-sharded"
+    assert service.base_name(replace(adapter, base="/elsewhere/my-base/")) == "my-base"

@@ -43,17 +43,23 @@ def test_labels_say_what_each_entry_is_and_why_some_cannot_be_used(choices):
     )
     email = by_id["email-t5"]
     assert not email.servable
-    assert email.label.startswith("Email — T5-base + email LoRA (email) — needs-training: no adapter at")
+    assert email.label.startswith("Email — T5-base + email LoRA (email)\nneeds-training: no adapter at")
     real = by_id["html-codellama"]
-    assert real.label.startswith("HTML — CodeLlama-7B 4-bit + LoRA (html, nf4) — unavailable: offline")
-    assert len(real.label) < 160  # the reason is shortened; the whole one is shown when picked
+    assert real.label == (
+        f"HTML — CodeLlama-7B 4-bit + LoRA (html, nf4)\nunavailable: {real.availability.reason}"
+    )  # the whole reason: public/babl.css wraps it inside the dialog
+    assert "\n" not in by_id["demo-html"].label  # a second line marks an entry that cannot be used
     assert len({c.label for c in choices}) == len(choices)
 
 
-def test_duplicate_labels_get_the_id(catalog):
-    spec = catalog.get("demo-python")
-    twins = chat_ui.model_choices([spec, replace(spec, id="demo-python-2")])
-    assert [c.label for c in twins] == [spec.display_label, f"{spec.display_label} [demo-python-2]"]
+def test_entries_with_one_label_each_name_their_id(catalog):
+    spec = catalog.get("demo-qa")
+    runs = [replace(spec, id=run) for run in ("squad", "no-context")]  # e.g. two runs of one recipe
+    labels = [c.label for c in chat_ui.model_choices([catalog.get("demo-email"), spec, *runs])]
+    assert labels == [
+        catalog.get("demo-email").display_label,  # its label is its own: no id
+        *(f"{spec.display_label} · {id_}" for id_ in ("demo-qa", "squad", "no-context")),
+    ]
 
 
 def test_listing_key_changes_when_an_adapter_appears(catalog, models_dir, html_adapters):
@@ -146,11 +152,25 @@ def test_read_settings_refuses_models_that_cannot_be_served(catalog, choices):
     assert picked.model_id == "demo-qa" and picked.refused is None
 
 
-def test_switch_takes_the_new_entrys_defaults_except_values_set_with_it(catalog):
-    state = state_on(catalog, "demo-html")
-    state.chat.settings.update(temperature=0.3, max_new_tokens=50)
-    chat_ui.settings_for_new_model(state, catalog.get("demo-qa"), touched={"max_new_tokens"})
+def test_a_switch_keeps_what_the_user_changed_and_takes_the_new_defaults_for_the_rest(catalog, choices):
+    state = state_on(catalog, "demo-html")  # temperature 0, max new tokens 200
+    # The user changes max new tokens in one submit, and switches model in a later one.
+    chat_ui.apply_settings(state, chat_ui.read_settings(submit(state, max_new_tokens=50), state, choices))
+    change = chat_ui.read_settings(submit(state, model="demo-qa"), state, choices)
+    chat_ui.apply_settings(state, change)
+    assert change.model_id == "demo-qa" and change.touched == set()
+    changed, kept = chat_ui.settings_for_new_model(state, catalog.get("demo-qa"))
     assert state.chat.settings == {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 50}
+    assert [(c.key, c.before, c.after) for c in changed] == [("temperature", 0.0, 0.9)]
+    assert [(c.key, c.before, c.after) for c in kept] == [("max_new_tokens", 50, 60)]
+    text = chat_ui.switched_text(catalog.get("demo-qa"), "float32 on cpu", task_changed=False, changed=changed,
+                                 kept=kept)  # fmt: skip
+    assert "- temperature 0 → 0.9, the new model's default" in text
+    assert "- max new tokens stays 50, your setting (the new model's default is 60)" in text
+    # Switching back: the user's value still stays; the untouched temperature follows the model again.
+    changed, kept = chat_ui.settings_for_new_model(state, catalog.get("demo-html"))
+    assert state.chat.settings["temperature"] == 0.0 and state.chat.settings["max_new_tokens"] == 50
+    assert [c.key for c in changed] == ["temperature"] and [c.key for c in kept] == ["max_new_tokens"]
 
 
 # --- per-session state ---------------------------------------------------------------------------------
@@ -269,23 +289,39 @@ def test_generation_error_text_names_the_cause():
         assert "RuntimeError: CUDA out of memory" in chat_ui.error_text(exc)
 
 
-def test_status_table():
+def test_status_table(catalog, models_dir, html_adapters):
+    from babl_core.cache import base_ref
+
+    install_adapter(html_adapters["ad-a"], models_dir)
+    specs = catalog.list()
+    ad_a = next(s for s in specs if s.id == "ad-a")
+    t5 = base_ref(catalog.get("demo-qa"))
     status = {
         "bases": [
-            {"base": "/m/demo-html", "state": "ready", "memory_mb": 2.4, "adapters": ["a|b"],
-             "active_generations": 1, "idle_s": 0.0, "description": "float32 on cpu, 2 MB"},
+            {"base": base_ref(catalog.get("demo-html")), "state": "ready", "memory_mb": 2.4,
+             "adapters": [ad_a.adapter, "/elsewhere/old|run"], "active_generations": 1, "idle_s": 0.0,
+             "description": "float32 on cpu, 2 MB"},
+            {"base": t5, "state": "loading", "memory_mb": 0, "adapters": [], "active_generations": 0,
+             "idle_s": 3.0, "description": ""},
         ],
         "max_models": 2, "memory_budget_mb": None, "memory_mb": 2.4, "active_generations": 1, "queue": 0,
     }  # fmt: skip
-    text = chat_ui.status_markdown(status)
-    assert "**Running answers:** 1" in text and "**models loaded:** 1 of 2" in text
-    assert "| /m/demo-html | ready | 2 MB | a\\|b | 1 | — | 0 s | float32 on cpu, 2 MB |" in text
+    text = chat_ui.status_markdown(status, chat_ui.status_names(specs))
+    assert "**Answers running:** 1" in text and "**models loaded:** 2 of 2" in text
+    # Models by their ids (a base shared by two entries names both), never by a folder path.
+    assert "| demo-html | ad-a, old\\|run | 1 | 0 | 2 MB |" in text
+    assert "| demo-email, demo-qa | — | 0 | 0 | 0 MB |" in text
+    assert str(models_dir) not in text and "/elsewhere" not in text
+    assert "- **demo-html**: ready, float32 on cpu, 2 MB · idle 0 s" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert {line.count(" | ") for line in table} == {4}  # five columns: narrow enough for the chat
     status["bases"][0]["batch"] = {"active_rows": 3, "max_rows": 16, "waiting": 2, "kv_cache_mb": 1.5}
     status |= {"queue": 2, "waiting_for_load": 0, "waiting_to_join": 2, "kv_cache_mb": 1.5,
                "active_generations": 3, "remote_active_generations": 1}  # fmt: skip
-    busy = chat_ui.status_markdown(status)
-    assert "**Running answers:** 3 (1 remote)" in busy and "2 (0 for a model, 2 for a batch row)" in busy
-    assert "| 3 of 16 rows, 2 waiting |" in busy and "+ 1.5 MB KV cache" in busy
+    busy = chat_ui.status_markdown(status, chat_ui.status_names(specs))
+    assert "**Answers running:** 3 (1 remote) · **waiting:** 2 (0 for a model to load, 2 for a place" in busy
+    assert "| demo-html | ad-a, old\\|run | 1 | 2 | 2 MB |" in busy
+    assert "batch: 3 of 16 rows decoding" in busy and "+ 1.5 MB KV cache" in busy
     empty = chat_ui.status_markdown({"bases": [], "max_models": 2, "memory_mb": 0, "queue": 0})
     assert "No model is loaded yet" in empty
 
@@ -294,6 +330,15 @@ def test_status_command_is_recognised():
     assert chat_ui.is_status_command("status", "")
     assert chat_ui.is_status_command(None, "  /STATUS ")
     assert not chat_ui.is_status_command(None, "status of my order?")
+    assert chat_ui.command_of("export", "") == "export" and chat_ui.command_of(None, "/status") == "status"
+    assert chat_ui.command_of(None, "/statusx") is None
+
+
+def test_message_authors_are_names_chainlit_can_fetch_an_avatar_for():
+    assert chat_ui.message_author("demo-html") == "demo-html"
+    assert chat_ui.message_author("codegen-350M-mono v1.2") == "codegen-350M-mono v1.2"
+    assert chat_ui.message_author("org/model (base)") == "org-model -base-"
+    assert chat_ui.message_author("()") == "-"
 
 
 def test_listen_address_follows_chainlit(monkeypatch):
@@ -380,15 +425,17 @@ def test_html_answer_streams_text_a_throttled_preview_then_the_final_page(catalo
     final = view.previews[-1]
     assert final["final"] and final["html"] == outcome.html and final["title"] == "Bakery"
     assert final["preview_id"] == "m1" and "allow-same-origin" not in final["sandbox"]
-    assert view.downloads == [
-        {"name": "bakery.html", "content": outcome.html.encode(), "mime": DOWNLOAD_MIME}
-    ]
+    # One download control: the preview's own button (it carries the page and its file name).
+    assert final["filename"] == "bakery.html" and view.downloads == []
 
 
-def test_preview_off_still_offers_the_download(catalog):
+def test_preview_off_offers_the_page_as_a_file_instead(catalog):
     view = RecordingView()
     stream(FakeReply(catalog.get("demo-html"), PAGE_CHUNKS), view, task="html", preview=False)
-    assert view.previews == [] and len(view.downloads) == 1
+    assert view.previews == []
+    assert [d["name"] for d in view.downloads] == ["bakery.html"] and view.downloads[0][
+        "mime"
+    ] == DOWNLOAD_MIME
 
 
 def test_python_answer_is_fenced_and_has_no_preview(catalog):

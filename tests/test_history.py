@@ -206,6 +206,44 @@ def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp
     assert (tmp_path / "files" / thread_id / ids["page"] / "page.html").read_bytes() == b"<p>hi</p>"
 
 
+def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
+    import chainlit as cl
+    from chainlit.types import Pagination, ThreadFilter
+    from chainlit.user import User
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
+    history.prepare_database(url)
+
+    async def a_chat(layer, user_id, *messages):
+        thread_id = str(uuid.uuid4())
+        chainlit_context(thread_id)
+        await layer.update_thread(thread_id, name=messages[0], user_id=user_id)
+        for message in messages:
+            # An empty message is a command picked from the menu (Chainlit sends its name apart).
+            command = "export" if not message else None
+            step = cl.Message(content=message, type="user_message", author="alice", command=command)
+            await layer.create_step(step.to_dict())
+            await layer.create_step(cl.Message(content="an answer", author="Babl").to_dict())
+        return thread_id
+
+    async def go():
+        layer = history.open_data_layer(url, tmp_path / "files")
+        try:
+            user = await layer.create_user(User(identifier="alice"))
+            commands = await a_chat(layer, user.id, "", "/status", "/EXPORT ")
+            chat = await a_chat(layer, user.id, "/status", "What is a tensor?")
+            listed = await layer.list_threads(Pagination(first=20), ThreadFilter(userId=user.id))
+            return commands, chat, [t["id"] for t in listed.data], await layer.get_thread(commands)
+        finally:
+            await layer.close()
+
+    commands, chat, listed, opened = run(go())
+    assert listed == [chat]  # a chat with a question is listed, even when it began with a command
+    assert opened is not None and opened["id"] == commands  # still stored, and opens by its link
+    shown = [s["output"] for s in opened["steps"] if s["type"] == "user_message"]
+    assert shown == ["/export", "/status", "/EXPORT "]  # the picked command is stored by its name
+
+
 def test_a_failed_write_is_an_error_in_the_log_with_its_cause(db, tmp_path, caplog):
     history.prepare_database(db)
 

@@ -126,7 +126,7 @@ def test_a_conversation_survives_a_restart_and_resumes_with_its_model_settings_a
         tab = await Tab(server.url, session_token).open()
         await tab.change_settings(max_new_tokens=40)  # short answers keep the test fast
         questions = ["A landing page for a bakery", "def add(a, b):", "now subtract"]
-        await tab.send(questions[0])  # demo-html: a preview and a download
+        await tab.send(questions[0])  # demo-html: a preview, which holds the page's download
         await tab.change_settings(
             model="demo-python", temperature=0.4, max_new_tokens=32, system_prompt="Be brief."
         )
@@ -170,20 +170,20 @@ def test_a_conversation_survives_a_restart_and_resumes_with_its_model_settings_a
         assert turn["question"] in prompt
         assert turn["answer"].strip()[:30] in prompt
     assert prompt.index(questions[0]) < prompt.index(questions[1]) < prompt.index("and multiply")
-    # The preview and the download came back with the thread.
+    # The preview came back with the thread, with the page its download button saves.
     elements = {e["name"]: e for e in thread["elements"]}
-    assert elements["HtmlPreview"]["props"]["final"] is True
-    assert "default-src 'none'" in elements["HtmlPreview"]["props"]["srcdoc"]
-    page = next(e for e in thread["elements"] if e["type"] == "file")
-    download = http.get(page["url"])
-    assert download.status_code == 200 and download.headers["content-type"] == DOWNLOAD_MIME
-    assert download.headers["content-disposition"].startswith("attachment")
-    assert download.headers["x-content-type-options"] == "nosniff"
-    assert download.text == elements["HtmlPreview"]["props"]["html"]
+    preview = elements["HtmlPreview"]
+    assert preview["props"]["final"] is True and preview["props"]["filename"].endswith(".html")
+    assert "default-src 'none'" in preview["props"]["srcdoc"]
+    stored = http.get(preview["url"])
+    assert stored.status_code == 200 and stored.headers["content-type"] == DOWNLOAD_MIME
+    assert stored.headers["content-disposition"].startswith("attachment")
+    assert stored.headers["x-content-type-options"] == "nosniff"
+    assert json.loads(stored.text)["html"] == preview["props"]["html"] and preview["props"]["html"]
     # Whatever type a stored element claims, it is never served as HTML on the app's origin.
-    server.sql('UPDATE elements SET "mime" = \'text/html\' WHERE "id" = :id', id=page["id"])
-    assert http.get(page["url"]).headers["content-type"] == DOWNLOAD_MIME
-    assert stored_files and {page["name"], "HtmlPreview"} <= set(stored_files)
+    server.sql('UPDATE elements SET "mime" = \'text/html\' WHERE "id" = :id', id=preview["id"])
+    assert http.get(preview["url"]).headers["content-type"] == DOWNLOAD_MIME
+    assert stored_files and "HtmlPreview" in set(stored_files)
 
 
 def test_export_as_markdown_and_json_then_delete_with_its_files(server):
@@ -238,7 +238,7 @@ def test_users_see_and_open_only_their_own_threads(server):
     thread_id = asyncio.run(alice_chats())
     mine, theirs = Http(server.url, alice), Http(server.url, bob)
     thread = mine.thread(thread_id).json()
-    element = next(e for e in thread["elements"] if e["type"] == "file")
+    element = next(e for e in thread["elements"] if e.get("url"))  # the answer's preview, stored as a file
 
     assert thread_id not in {t["id"] for t in theirs.threads()}
     assert all(t["userIdentifier"] == "b" for t in theirs.threads())

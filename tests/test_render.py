@@ -172,6 +172,17 @@ def test_format_qa_and_chat_are_as_written():
     assert format_answer("chat", text) == text
 
 
+@pytest.mark.parametrize("task", ["qa", "chat", "email", "html", "python"])
+@pytest.mark.parametrize("text", [">", "> > >\n>", "---", "# ", "***", "|  |", "``"])
+def test_an_answer_made_only_of_markdown_syntax_is_shown_as_written(task, text):
+    # As Markdown these render nothing readable (an empty quote, heading, rule or table).
+    assert format_answer(task, text) == f"```text\n{text.strip(chr(10))}\n```"
+
+
+def test_text_with_a_quote_mark_is_still_markdown():
+    assert format_answer("qa", "> quoted") == "> quoted"
+
+
 def test_format_empty_answer_is_empty_and_unknown_task_is_refused():
     assert format_answer("python", "  \n") == ""
     with pytest.raises(ValueError, match=r"'poem'.*task"):
