@@ -45,17 +45,18 @@ from babl_core.cache import ModelBusy
 from babl_core.catalog import ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatService
 from babl_core.generation import GenerationError
+from babl_core.generation_settings import SETTINGS
 from babl_core.loading import ModelUnavailable
 from babl_core.prompts import PromptTooLong
 from babl_core.runtime import service
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS_CAP = 4096
+MAX_TOKENS_CAP = SETTINGS["max_new_tokens"].maximum
 """Largest `max_tokens` / `token_count` one request may ask for."""
 MAX_CHOICES = 8
 """Largest `n` / `n_gen`: each choice is a generation of its own on this machine."""
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = SETTINGS["stop"].max_items
 DISCONNECT_POLL_S = 0.25
 OWNER = "babl"
 
@@ -197,12 +198,23 @@ class StreamOptions(ApiRequest):
     include_usage: bool = False
 
 
+def setting_field(name: str, default: Any = None, *, description: str | None = None) -> Any:
+    """A request field for generation setting `name`: bounds and help from `generation_settings`."""
+    setting = SETTINGS[name]
+    bounds: dict[str, Any] = {}
+    if setting.minimum is not None:
+        bounds["gt" if setting.above_minimum else "ge"] = setting.minimum
+    if setting.maximum is not None:
+        bounds["le"] = setting.maximum
+    if setting.kind == "float":
+        bounds["allow_inf_nan"] = False
+    return Field(default, description=description or setting.help_with_bounds(), **bounds)
+
+
 def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
-    items = [value] if isinstance(value, str) else (value or [])
-    if len(items) > MAX_STOP_SEQUENCES:
-        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(items)}")
-    if any(not s for s in items):
-        raise ValueError("stop sequences must be non-empty strings")
+    problem = None if value is None else SETTINGS["stop"].problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -210,17 +222,18 @@ class SamplingRequest(ApiRequest):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, description="A catalog id (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description="New tokens at most.")
-    temperature: float | None = Field(None, ge=0, description="0 = greedy.")
-    top_p: float | None = Field(None, gt=0, le=1)
+    # Generation settings: bounds and help from `generation_settings.SETTINGS` (unset: the entry's).
+    max_tokens: int | None = setting_field("max_new_tokens")
+    temperature: float | None = setting_field("temperature")
+    top_p: float | None = setting_field("top_p")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices; with a seed, choice i uses seed + i.")
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = setting_field("stop")
+    seed: int | None = setting_field("seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extensions (as in vLLM): not in OpenAI's API, used by the catalog's entries.
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = setting_field("top_k")
+    repetition_penalty: float | None = setting_field("repetition_penalty")
     logprobs: Any = None
 
     @field_validator("stop")
@@ -269,9 +282,7 @@ class ChatMessage(ApiRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="System messages first, ending with user.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, le=MAX_TOKENS_CAP, description="Alias of max_tokens."
-    )
+    max_completion_tokens: int | None = setting_field("max_new_tokens", description="Alias of max_tokens.")
     tools: list[Any] | None = None
 
     @field_validator("tools")
@@ -316,11 +327,11 @@ class EmailGenerateRequest(ApiRequest):
     """Seed 003's payload."""
 
     prompt: str = Field(description="Key points of the email (optionally 'From:'/'To:' lines).")
-    token_count: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description="New tokens at most.")
-    temperature: float | None = Field(None, ge=0)
+    token_count: int | None = setting_field("max_new_tokens")
+    temperature: float | None = setting_field("temperature")
     n_gen: int = Field(1, ge=1, le=MAX_CHOICES, description="How many emails to write.")
     model: str | None = Field(None, description="A catalog id; default the catalog's email entry.")
-    seed: int | None = Field(None, description="Generation i uses seed + i.")
+    seed: int | None = setting_field("seed")
 
 
 # --------------------------------------------------------------------------------------------------

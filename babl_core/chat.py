@@ -12,9 +12,10 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from babl_core import generation_settings
 from babl_core.cache import ModelCache
 from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
@@ -24,7 +25,7 @@ from babl_core.prompts import Prompt, PromptTooLong, build_prompt, count_tokens,
 from babl_core.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
-SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+SETTING_NAMES = generation_settings.NAMES
 
 
 class BadMessage(ValueError):
@@ -292,11 +293,10 @@ def params_for(spec: ModelSpec, settings: dict | None = None, **overrides) -> Ge
     """
     merged = {k: v for k, v in (settings or {}).items() if k in SETTING_NAMES}
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    params = GenerationParams.from_defaults(spec.generation, **merged)
+    # Checked before the style's own stop strings join: the bounds (at most 4 stops) are the user's.
+    params = GenerationParams.from_defaults(spec.generation, **merged).validate()
     extra = tuple(s for s in get_style(spec.prompt_style).stop_strings() if s not in params.stop)
-    if extra:
-        params = GenerationParams.from_defaults(None, **{**params.__dict__, "stop": params.stop + extra})
-    return params.validate()
+    return replace(params, stop=params.stop + extra) if extra else params
 
 
 class ChatService:
