@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from babl_core.admission import ServerBusy
 from babl_core.cache import ModelBusy
 from babl_core.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatSession, coalesce
@@ -467,7 +468,7 @@ def answer_footer(reply: ChatReply) -> str:
     return f"{notes}\n\n*{' · '.join(parts)}*"
 
 
-USER_ERRORS = (BadMessage, ModelUnavailable, ModelBusy, UnknownModel, GenerationError, ValueError)
+USER_ERRORS = (BadMessage, ModelUnavailable, ModelBusy, ServerBusy, UnknownModel, GenerationError, ValueError)
 
 
 def error_text(exc: BaseException) -> str:
@@ -476,7 +477,7 @@ def error_text(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, ModelUnavailable | UnknownModel):
         return f"{exc}. Pick another model in the settings."
-    if isinstance(exc, ModelBusy):
+    if isinstance(exc, ModelBusy | ServerBusy):
         return str(exc)
     if isinstance(exc, GenerationError):
         cause = exc.__cause__ or exc
