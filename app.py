@@ -16,6 +16,7 @@ from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
 from babl_core import auth, chat_ui, history, tunnel
+from babl_core.admission import Limits
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -27,6 +28,7 @@ log = logging.getLogger("babl.app")
 register_api(chainlit_app)
 
 HOST, PORT = chat_ui.listen_address()
+Limits.from_env()  # admission limits (BABL_MAX_*): a bad value stops the start here, with why
 
 # --- login (DESIGN.md "Login"): decided once, at import; Chainlit allows one auth callback ---------
 AUTH_MODE = auth.check_host_policy(HOST)  # a non-loopback host without BABL_AUTH stops here, with why

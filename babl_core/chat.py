@@ -571,6 +571,11 @@ def format_status(status: dict) -> str:
     )
     lines.append(f"Queue: {status.get('queue', 0)} ({status.get('waiting_for_load', 0)} waiting for a model to load, "
                  f"{status.get('waiting_to_join', 0)} waiting to join a batch)")  # fmt: skip
+    line = status.get("admission")
+    if line:
+        refused = sum(line.get("refused", {}).values())
+        lines.append(f"Admission: {line['running']} running of {line['limits']['max_running']}, {line['waiting']} "
+                     f"waiting of {line['limits']['max_queued']}, {refused} refused since start")  # fmt: skip
     return "\n".join(lines)
 
 
