@@ -419,6 +419,16 @@ def test_trimming_a_huge_history_tokenizes_about_what_fits_not_the_history(plain
     assert counting.chars < history_chars / 20, (counting.chars, history_chars)
 
 
+def test_one_huge_old_turn_is_counted_only_in_part(plain_causal_tok):
+    huge = [user("a huge paste " + "lorem ipsum " * 100_000), {"role": "assistant", "content": "noted"}]
+    recent = [user("short question"), {"role": "assistant", "content": "short answer"}]
+    messages = [*huge, *recent, user("the final question")]
+    counting = CountingTokenizer(plain_causal_tok)
+    prompt = build_prompt("plain-chat", messages, counting, context_length=2048, max_new_tokens=256)
+    assert prompt.dropped_turns == 1 and "short answer" in prompt.text
+    assert counting.chars < 100_000, counting.chars  # the 1.2M-character turn was never tokenized whole
+
+
 def test_nothing_dropped_when_it_fits(plain_causal_tok):
     prompt = build_prompt(
         "plain-chat", conversation(3), plain_causal_tok, context_length=2048, max_new_tokens=256
