@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -109,24 +110,28 @@ async def client_loop(http, url: str, headers: dict, index: int, args, stats: St
                     stats.error(f"http {response.status_code}")
                     await response.aread()
                     continue
-                chunks, done = 0, False
+                chunks, done, failed = 0, False, False
                 async for line in response.aiter_lines():
                     if line.startswith("data: [DONE]"):
                         done = True
                         break
                     if line.startswith("data: "):
-                        if '"error"' in line:
-                            stats.error("error event")
+                        event = json.loads(line[len("data: ") :])
+                        if "error" in event:
+                            stats.error(f"error event: {event['error'].get('message', '')[:160]}")
+                            failed = True
                             break
                         chunks += 1
                         if hang_up and chunks >= 3:
                             break  # leaving the block closes the connection mid-answer
+                if failed:
+                    continue
                 if hang_up and not done:
                     stats.disconnected += 1
                 elif done:
                     stats.latencies.append(time.monotonic() - start)
                 else:
-                    stats.error("stream ended without [DONE]")
+                    stats.error(f"stream ended without [DONE] after {chunks} chunks")
         except httpx.HTTPError as exc:
             stats.error(type(exc).__name__)
             await asyncio.sleep(0.5)
@@ -149,7 +154,6 @@ async def health_probe(url: str, until: asyncio.Event, out: list[float]) -> None
 
 def flood_requests(model: str) -> list[tuple[str, bytes]]:
     """(path, JSON body) of the requests a review used to freeze the server."""
-    import json
 
     def chat(messages: list[dict]) -> bytes:
         return json.dumps({"model": model, "max_tokens": 1, "messages": messages}).encode()
