@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
 from babl_core import auth, chat_ui, history, tunnel
+from babl_core.admission import Limits
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -27,6 +28,7 @@ log = logging.getLogger("babl.app")
 register_api(chainlit_app)
 
 HOST, PORT = chat_ui.listen_address()
+Limits.from_env()  # admission limits (BABL_MAX_*): a bad value stops the start here, with why
 
 # --- login (DESIGN.md "Login"): decided once, at import; Chainlit allows one auth callback ---------
 AUTH_MODE = auth.check_host_policy(HOST)  # a non-loopback host without BABL_AUTH stops here, with why
@@ -137,6 +139,12 @@ class ChainlitAnswer:
 
 def _state() -> chat_ui.UiState | None:
     return cl.user_session.get(STATE)
+
+
+def _client() -> str:
+    # The admission queue's share is per logged-in user (the one local user without BABL_AUTH).
+    user = cl.user_session.get("user")
+    return f"user:{user.identifier}" if user is not None else "user:anonymous"
 
 
 async def _listing() -> list[chat_ui.ModelChoice]:
@@ -287,6 +295,21 @@ async def answer(message: cl.Message) -> None:
     await chat_ui.finish_even_if_cancelled(_answer_turn(state, message.content, message.id), stop_event.set)
 
 
+def _status_message() -> Callable[[str], Awaitable[None]]:
+    message: cl.Message | None = None
+
+    async def show(note: str) -> None:
+        nonlocal message
+        if message is None:
+            message = cl.Message(content=f"*{note}…*", author="Babl")
+            await message.send()
+        else:
+            message.content = f"*{note}…*"
+            await message.update()
+
+    return show
+
+
 async def _export(state: chat_ui.UiState | None) -> None:
     count = len(state.chat.messages) if state else 0
     files = []
@@ -308,11 +331,12 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
             if failure:
                 await _error(f"{failure}\n\nPick another model in the settings.")
                 return
-        # The cache reports waits (every model slot busy, another request loading this base).
-        on_status = chat_ui.status_callback(
-            lambda note: cl.Message(content=f"*{note}…*", author="Babl").send()
+        # Waits are reported (a place in the admission queue, every model slot busy, another request
+        # loading this base) in one message that changes, not a new message for each change.
+        on_status = chat_ui.status_callback(_status_message())
+        reply = svc.respond(
+            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client()
         )
-        reply = svc.respond(state.chat, text, stop_event=state.stop_event, on_status=on_status)
     except chat_ui.USER_ERRORS as exc:
         await _error(chat_ui.error_text(exc))
         return
@@ -363,7 +387,7 @@ async def compare_with_base(action: cl.Action) -> None:
     stop_event = state.new_stop_event()
     await cl.context.emitter.task_start()  # action callbacks get no stop button by themselves
     try:
-        reply = service().compare_with_base(state.chat, stop_event=stop_event)
+        reply = service().compare_with_base(state.chat, stop_event=stop_event, client=_client())
         view = ChainlitAnswer(author=reply.model_id)
         await chat_ui.stream_answer(
             reply,

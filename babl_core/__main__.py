@@ -67,19 +67,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from babl_core.catalog import CatalogError, UnknownModel
     from babl_core.chat import BadMessage, ChatService, ChatSession
     from babl_core.generation import GenerationError
+    from babl_core.generation_settings import SETTINGS
     from babl_core.loading import ModelUnavailable
     from babl_core.words import count
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    settings = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "stop": args.stop or None,
-    }
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    settings["stop"] = settings["stop"] or None
 
     async def run() -> int:
         service = ChatService()
@@ -267,6 +261,31 @@ def _prog() -> str:
     return "babl" if os.path.basename(sys.argv[0] or "").startswith("babl") else "python -m babl_core"
 
 
+def add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """One option per generation setting (`generation_settings.SETTINGS`): its help, its bounds, and a
+    value out of bounds refused by argparse (exit code 2) before anything loads."""
+    from babl_core.generation_settings import SETTINGS, Setting
+
+    def checked(setting: Setting):
+        def convert(text: str):
+            value, problem = setting.parse(text)
+            if problem:
+                raise argparse.ArgumentTypeError(f"{setting.name}: {problem}")
+            return value
+
+        convert.__name__ = setting.kind  # argparse names the type in its own messages
+        return convert
+
+    for setting in SETTINGS.values():
+        if setting.kind == "stops":
+            parser.add_argument(setting.cli_option, action="append",
+                                help=f"{setting.help} Repeatable, at most {setting.max_items}.")  # fmt: skip
+            continue
+        default = "" if setting.default is None else ", default: the entry's"
+        parser.add_argument(setting.cli_option, type=checked(setting),
+                            help=f"{setting.help} ({setting.bounds_text()}{default})")  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from babl_core import __version__
@@ -298,15 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream an answer to stdout", description=cmd_generate.__doc__)
     p.add_argument("prompt", help="your message ('-' reads standard input)")
     p.add_argument("--model", "-m", required=True, help="catalog id (see `models`), e.g. demo-python")
-    p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the entry's)")
-    p.add_argument(
-        "--temperature", type=float, help="0 = greedy; higher = more varied (default: the entry's)"
-    )
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same text")
-    p.add_argument("--stop", action="append", help="stop sequence (repeatable); not included in the output")
+    add_setting_options(p)
     p.add_argument("--system", help="system prompt (for prompt styles that support one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no statistics line on stderr")
     p.set_defaults(func=cmd_generate)

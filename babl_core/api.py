@@ -40,22 +40,24 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from babl_core.admission import RequestTooLarge, ServerBusy, check_request
 from babl_core.auth import WWW_AUTHENTICATE, bearer_error
 from babl_core.cache import ModelBusy
 from babl_core.catalog import ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatService
 from babl_core.generation import GenerationError
+from babl_core.generation_settings import SETTINGS
 from babl_core.loading import ModelUnavailable
 from babl_core.prompts import PromptTooLong
 from babl_core.runtime import service
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS_CAP = 4096
+MAX_TOKENS_CAP = SETTINGS["max_new_tokens"].maximum
 """Largest `max_tokens` / `token_count` one request may ask for."""
 MAX_CHOICES = 8
 """Largest `n` / `n_gen`: each choice is a generation of its own on this machine."""
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = SETTINGS["stop"].max_items
 DISCONNECT_POLL_S = 0.25
 OWNER = "babl"
 
@@ -86,9 +88,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
+        # A message may quote what the client sent: a lone surrogate in it must not break the answer.
+        detail = self.detail.model_copy(update={"message": _printable(self.detail.message)})
         return JSONResponse(
-            ErrorResponse(error=self.detail).model_dump(), status_code=self.status, headers=self.headers
+            ErrorResponse(error=detail).model_dump(), status_code=self.status, headers=self.headers
         )
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # The openai client retries 5xx answers twice; an entry that needs training will not heal in a second.
@@ -110,6 +118,12 @@ def api_error(exc: BaseException, text_param: str = "messages") -> ApiError | No
         return ApiError(503, str(exc), "service_unavailable", "model", "model_unavailable", NO_RETRY)
     if isinstance(exc, ModelBusy):
         return ApiError(503, str(exc), "service_unavailable", "model", "model_busy", {"retry-after": "5"})
+    if isinstance(exc, RequestTooLarge):
+        return ApiError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code)
+    if isinstance(exc, ServerBusy):
+        return ApiError(
+            429, str(exc), "rate_limit_error", None, exc.code, {"retry-after": str(exc.retry_after)}
+        )
     if isinstance(exc, BadMessage):
         too_long = isinstance(exc.__cause__, PromptTooLong)
         code = "context_length_exceeded" if too_long else "invalid_value"
@@ -160,6 +174,40 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     )
 
 
+async def _read_body(request: Request, limit: int) -> None:
+    """Read the body, refusing it (413) as soon as it is longer than `limit` bytes: a declared length
+    is refused before a byte is read, a chunked body once it grows past the limit. The body is kept
+    on the request, where FastAPI reads it from."""
+
+    def too_large(size: str) -> ApiError:
+        return api_error(RequestTooLarge(
+            f"The request body has {size} bytes; at most {limit:,} are allowed (BABL_MAX_BODY_BYTES). "
+            "Send a shorter history or fewer prompts.",
+            None, status=413,
+        ))  # fmt: skip
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(f"{int(declared):,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(f"more than {limit:,}")
+    request._body = bytes(body)
+
+
+def client_id(request: Request) -> str:
+    """Who a request comes from, for the admission queue's per-client share: the peer's address, or
+    behind a local proxy (the ngrok tunnel's agent on 127.0.0.1) the address that proxy saw, the last
+    entry of X-Forwarded-For (a client can prepend to that header, never append)."""
+    host = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and host in ("127.0.0.1", "::1"):
+        return "api:" + forwarded.split(",")[-1].strip()
+    return f"api:{host}"
+
+
 class OpenAIRoute(APIRoute):
     """An API route: Bearer check first, then every error answered in OpenAI's shape."""
 
@@ -174,6 +222,8 @@ class OpenAIRoute(APIRoute):
                     {"WWW-Authenticate": WWW_AUTHENTICATE},
                 ).response()  # fmt: skip
             try:
+                if request.method == "POST":
+                    await _read_body(request, service().admission.limits.max_body_bytes)
                 return await handler(request)
             except RequestValidationError as exc:
                 return validation_error(exc).response()
@@ -197,12 +247,23 @@ class StreamOptions(ApiRequest):
     include_usage: bool = False
 
 
+def setting_field(name: str, default: Any = None, *, description: str | None = None) -> Any:
+    """A request field for generation setting `name`: bounds and help from `generation_settings`."""
+    setting = SETTINGS[name]
+    bounds: dict[str, Any] = {}
+    if setting.minimum is not None:
+        bounds["gt" if setting.above_minimum else "ge"] = setting.minimum
+    if setting.maximum is not None:
+        bounds["le"] = setting.maximum
+    if setting.kind == "float":
+        bounds["allow_inf_nan"] = False
+    return Field(default, description=description or setting.help_with_bounds(), **bounds)
+
+
 def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
-    items = [value] if isinstance(value, str) else (value or [])
-    if len(items) > MAX_STOP_SEQUENCES:
-        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(items)}")
-    if any(not s for s in items):
-        raise ValueError("stop sequences must be non-empty strings")
+    problem = None if value is None else SETTINGS["stop"].problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -210,17 +271,18 @@ class SamplingRequest(ApiRequest):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, description="A catalog id (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description="New tokens at most.")
-    temperature: float | None = Field(None, ge=0, description="0 = greedy.")
-    top_p: float | None = Field(None, gt=0, le=1)
+    # Generation settings: bounds and help from `generation_settings.SETTINGS` (unset: the entry's).
+    max_tokens: int | None = setting_field("max_new_tokens")
+    temperature: float | None = setting_field("temperature")
+    top_p: float | None = setting_field("top_p")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices; with a seed, choice i uses seed + i.")
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = setting_field("stop")
+    seed: int | None = setting_field("seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extensions (as in vLLM): not in OpenAI's API, used by the catalog's entries.
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = setting_field("top_k")
+    repetition_penalty: float | None = setting_field("repetition_penalty")
     logprobs: Any = None
 
     @field_validator("stop")
@@ -269,9 +331,7 @@ class ChatMessage(ApiRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="System messages first, ending with user.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, le=MAX_TOKENS_CAP, description="Alias of max_tokens."
-    )
+    max_completion_tokens: int | None = setting_field("max_new_tokens", description="Alias of max_tokens.")
     tools: list[Any] | None = None
 
     @field_validator("tools")
@@ -316,11 +376,11 @@ class EmailGenerateRequest(ApiRequest):
     """Seed 003's payload."""
 
     prompt: str = Field(description="Key points of the email (optionally 'From:'/'To:' lines).")
-    token_count: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP, description="New tokens at most.")
-    temperature: float | None = Field(None, ge=0)
+    token_count: int | None = setting_field("max_new_tokens")
+    temperature: float | None = setting_field("temperature")
     n_gen: int = Field(1, ge=1, le=MAX_CHOICES, description="How many emails to write.")
     model: str | None = Field(None, description="A catalog id; default the catalog's email entry.")
-    seed: int | None = Field(None, description="Generation i uses seed + i.")
+    seed: int | None = setting_field("seed")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -671,6 +731,7 @@ async def status() -> dict:
         **svc.cache.status(),
         # Generations running now, whatever started them (chat UI, API, CLI in this process).
         "active_generations": svc.active_generations,
+        "admission": svc.admission.status(),
         "api": counters.as_dict(),
     }
 
@@ -683,9 +744,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions over the entry's prompt style (stateless: nothing is recorded)."""
     svc = service()
     messages = [m.as_dict() for m in body.messages]
-    replies = await _start_replies(
-        lambda: [svc.complete(body.model, messages, **body.overrides(i)) for i in range(body.n)], "messages"
-    )
+    with _as_api_errors("messages"):
+        check_request(svc.admission.limits, n=body.n, chars=sum(len(m["content"]) for m in messages))
+    client = client_id(request)
+
+    def make() -> list[ChatReply]:
+        return svc.admit(
+            [svc.complete(body.model, messages, **body.overrides(i)) for i in range(body.n)], client
+        )
+
+    replies = await _start_replies(make, "messages")
     completion_id, created = _ids("chatcmpl")
     model = replies[0].spec.id
     if body.stream:
@@ -728,9 +796,16 @@ async def completions(body: CompletionRequest, request: Request):
     """OpenAI text completions: each prompt continued as is, `n` choices per prompt."""
     svc = service()
     prompts = body.prompts
+    with _as_api_errors("prompt"):
+        check_request(svc.admission.limits, prompts=len(prompts), n=body.n, chars=sum(map(len, prompts)),
+                      param="prompt")  # fmt: skip
+    client = client_id(request)
 
     def make() -> list[ChatReply]:
-        return [svc.complete_text(body.model, p, **body.overrides(i)) for p in prompts for i in range(body.n)]
+        replies = [
+            svc.complete_text(body.model, p, **body.overrides(i)) for p in prompts for i in range(body.n)
+        ]
+        return svc.admit(replies, client)
 
     replies = await _start_replies(make, "prompt")
     groups = [replies[k * body.n : (k + 1) * body.n] for k in range(len(prompts))]
@@ -810,15 +885,19 @@ def email_model(svc: ChatService, requested: str | None) -> tuple[str, list[str]
 async def email_generate(body: EmailGenerateRequest, request: Request) -> EmailGenerateResponse:
     """Seed 003's endpoint: `n_gen` emails from key points."""
     svc = service()
+    with _as_api_errors("prompt"):
+        check_request(svc.admission.limits, n=body.n_gen, chars=len(body.prompt), param="prompt")
+    client = client_id(request)
 
     def make() -> tuple[list[str], list[ChatReply]]:
         model_id, notes = email_model(svc, body.model)
         messages = [{"role": "user", "content": body.prompt}]
         settings = {"max_new_tokens": body.token_count, "temperature": body.temperature}
-        return notes, [
+        replies = [
             svc.complete(model_id, messages, **settings, seed=None if body.seed is None else body.seed + i)
             for i in range(body.n_gen)
         ]
+        return notes, svc.admit(replies, client)
 
     notes, replies = await _start_replies(make, "prompt")
     await _run_to_end(replies, request, "prompt")
@@ -835,7 +914,7 @@ ROUTES: list[tuple[str, Callable, list[str], Any]] = [
     ("/api/generate", email_generate, ["POST"], EmailGenerateResponse),
     ("/", email_generate, ["POST"], EmailGenerateResponse),
 ]
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
 def build_router() -> APIRouter:

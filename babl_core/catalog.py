@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
+from babl_core.generation_settings import CATALOG_NAMES, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ class UnknownModel(KeyError):
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """An entry's default generation settings (users and API calls override them per request)."""
+    """An entry's default generation settings (users and API calls override them per request).
+    Defaults and bounds come from `generation_settings.SETTINGS`."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
+    max_new_tokens: int = SETTINGS["max_new_tokens"].default
+    temperature: float = SETTINGS["temperature"].default
+    top_p: float = SETTINGS["top_p"].default
+    top_k: int = SETTINGS["top_k"].default
+    repetition_penalty: float = SETTINGS["repetition_penalty"].default
+    stop: tuple[str, ...] = SETTINGS["stop"].default
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ _FIELDS = {
     "quantization", "dtype", "prompt_style", "generation", "demo", "prefer_gpu", "base_url",
     "api_key_env", "remote_model",
 }  # fmt: skip
-_GEN_FIELDS = {f for f in GenerationDefaults.__dataclass_fields__}
+_GEN_FIELDS = set(CATALOG_NAMES)
 
 
 def _choice(problems: list[str], where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -172,28 +175,19 @@ def _parse_generation(problems: list[str], where: str, raw: Any) -> GenerationDe
                 f"{where}, field 'generation.{key}': unknown setting; {hint}use {', '.join(sorted(_GEN_FIELDS))}"
             )
     values: dict[str, Any] = {}
-    checks = {
-        "max_new_tokens": (int, lambda v: v > 0, "a whole number above 0, e.g. 256"),
-        "temperature": ((int, float), lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
-        "top_p": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "repetition_penalty": ((int, float), lambda v: v > 0, "a number above 0 (1.0 = off)"),
-    }
-    for key, (types, ok, want) in checks.items():
+    for key in CATALOG_NAMES:
         if key not in raw:
             continue
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
-            problems.append(f"{where}, field 'generation.{key}': {value!r} is not valid; use {want}")
+        setting = SETTINGS[key]
+        if setting.problem(value):
+            problems.append(
+                f"{where}, field 'generation.{key}': {value!r} is not valid; use {setting.bounds_text()}"
+            )
+        elif setting.kind == "stops":
+            values[key] = (value,) if isinstance(value, str) else tuple(value)
         else:
             values[key] = value
-    if "stop" in raw:
-        stop = raw["stop"]
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            problems.append(f"{where}, field 'generation.stop': use a list of non-empty strings")
-        else:
-            values["stop"] = tuple(stop)
     return GenerationDefaults(**values)
 
 

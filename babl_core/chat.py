@@ -11,11 +11,13 @@ import asyncio
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from babl_core import words
+from babl_core import generation_settings, words
+from babl_core.admission import Admission, Ticket
 from babl_core.cache import ModelCache, base_ref
 from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
@@ -25,11 +27,28 @@ from babl_core.prompts import Prompt, PromptTooLong, build_prompt, count_tokens,
 from babl_core.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
-SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+SETTING_NAMES = generation_settings.NAMES
 
 
 class BadMessage(ValueError):
     """The user's message cannot be sent (empty, too long for the model's context)."""
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unless it cannot be encoded: a lone surrogate (`"\\ud800"`, which JSON allows) makes the
+    tokenizer raise deep inside generation; refuse it up front with a message users can act on.
+
+    Raises:
+        BadMessage: the text holds a lone surrogate.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadMessage(
+            f"{what} contains an invalid character at position {exc.start} (a lone UTF-16 surrogate such as "
+            "\\ud800, which is not text). Remove it or send the text as valid UTF-8."
+        ) from None
+    return text
 
 
 @dataclass
@@ -96,7 +115,19 @@ class ChatReply:
         self.stats = GenerationStats()
         self.description = ""
         self.finished = False
+        self.ticket: Ticket | None = None  # its place in the admission queue (None: not gated)
         self._iterated = False
+
+    def hold(self, ticket: Ticket) -> None:
+        """Gate this reply on `ticket`: it waits for a running slot when first iterated, and gives the
+        slot back when it ends, or when it is dropped without ever being iterated."""
+        self.ticket = ticket
+        weakref.finalize(self, ticket.release)
+
+    def _show_position(self, ahead: int) -> None:
+        if self.on_status is not None:
+            where = "you are next" if ahead == 0 else f"{ahead} ahead of you"
+            self.on_status(f"Busy: {where}")
 
     @property
     def model_id(self) -> str:
@@ -118,50 +149,66 @@ class ChatReply:
         return self._run()
 
     async def _run(self) -> AsyncIterator[str]:
-        service = self.service
-        remote = self.spec.backend == "openai"
-        loaded: LoadedModel | None = None
-        if not remote:
-            loop = asyncio.get_running_loop()
-            status = self.on_status
-            loaded = await _acquire(
-                service.cache,
-                self.spec,
-                use_adapter=self.use_adapter,
-                on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
-            )
-        service._generation_started(remote=remote)
         try:
-            gen = self._start_remote() if remote else self._start_local(loaded)
-            self.stats = gen.stats
-            async for chunk in _pump(gen, self.stop_event):
-                self.text += chunk
-                yield chunk
-        except (asyncio.CancelledError, GeneratorExit):
-            self.stats.finish_reason = self.stats.finish_reason or "cancelled"
-            raise
-        except BaseException:
-            self.stats.finish_reason = "error"
-            raise
+            if self.ticket is not None:  # wait for a running slot (the chat shows the place in line)
+                await self.ticket.wait(self._show_position)
+            service = self.service
+            remote = self.spec.backend == "openai"
+            loaded: LoadedModel | None = None
+            if not remote:
+                loop = asyncio.get_running_loop()
+                status = self.on_status
+                loaded = await _acquire(
+                    service.cache,
+                    self.spec,
+                    use_adapter=self.use_adapter,
+                    on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
+                )
+            service._generation_started(remote=remote)
+            try:
+                if remote:
+                    gen = self._start_remote()
+                else:
+                    # Rendering and trimming tokenize the conversation: a worker thread, never the event loop.
+                    await asyncio.to_thread(self._prepare_local, loaded)
+                    gen = self._start_local(loaded)
+                self.stats = gen.stats
+                async for chunk in _pump(gen, self.stop_event):
+                    self.text += chunk
+                    yield chunk
+            except (asyncio.CancelledError, GeneratorExit):
+                self.stats.finish_reason = self.stats.finish_reason or "cancelled"
+                raise
+            except BaseException:
+                self.stats.finish_reason = "error"
+                raise
+            finally:
+                service._generation_finished(remote=remote)
+                if loaded is not None:
+                    await asyncio.to_thread(service.cache.release, loaded)
+                self.finished = True
+                if self.stats.finish_reason is None:  # cancelled from outside (task cancelled, disconnect)
+                    self.stats.finish_reason = "cancelled"
+                if self.stats.finished_at is None:
+                    self.stats.finished_at = time.perf_counter()
+                if self.record and self.session is not None and self.stats.finish_reason != "error":
+                    self.service._record(self)
         finally:
-            service._generation_finished(remote=remote)
-            if loaded is not None:
-                await asyncio.to_thread(service.cache.release, loaded)
-            self.finished = True
-            if self.stats.finish_reason is None:  # cancelled from outside (task cancelled, disconnect)
-                self.stats.finish_reason = "cancelled"
-            if self.stats.finished_at is None:
-                self.stats.finished_at = time.perf_counter()
-            if self.record and self.session is not None and self.stats.finish_reason != "error":
-                self.service._record(self)
+            if self.ticket is not None:  # the slot goes to the next in line
+                self.ticket.release()
 
-    def _start_local(self, loaded: LoadedModel):
+    def _prepare_local(self, loaded: LoadedModel) -> None:
+        """The prompt, rendered and trimmed to the context (tokenizes: call it off the event loop)."""
         self.description = loaded.describe()
         if self.raw:
             self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
         else:
             self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
         self.notes = list(self.prompt.notes)
+
+    def _start_local(self, loaded: LoadedModel):
+        if self.prompt is None:
+            self._prepare_local(loaded)
         return self.service.stream_fn(
             loaded, self.prompt.text, self.params, self.stop_event,
             add_special_tokens=self.prompt.add_special_tokens,
@@ -295,11 +342,10 @@ def params_for(spec: ModelSpec, settings: dict | None = None, **overrides) -> Ge
     """
     merged = {k: v for k, v in (settings or {}).items() if k in SETTING_NAMES}
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    params = GenerationParams.from_defaults(spec.generation, **merged)
+    # Checked before the style's own stop strings join: the bounds (at most 4 stops) are the user's.
+    params = GenerationParams.from_defaults(spec.generation, **merged).validate()
     extra = tuple(s for s in get_style(spec.prompt_style).stop_strings() if s not in params.stop)
-    if extra:
-        params = GenerationParams.from_defaults(None, **{**params.__dict__, "stop": params.stop + extra})
-    return params.validate()
+    return replace(params, stop=params.stop + extra) if extra else params
 
 
 class ChatService:
@@ -311,9 +357,11 @@ class ChatService:
         cache: ModelCache | None = None,
         stream_fn=None,
         remote_stream_fn=None,
+        admission: Admission | None = None,
     ):
         self.catalog = catalog or Catalog.load()
         self.cache = cache or ModelCache()
+        self.admission = admission or Admission()
         self.stream_fn = stream_fn or default_stream
         self.remote_stream_fn = remote_stream_fn or RemoteStream
         self._active = 0
@@ -344,7 +392,19 @@ class ChatService:
         with self._lock:
             data["active_generations"] = self._active
             data["remote_active_generations"] = self._active_remote
+        data["admission"] = self.admission.status()
         return data
+
+    def admit(self, replies: list[ChatReply], client: str | None) -> list[ChatReply]:
+        """Gate a request's replies on the admission queue, all or none (see `babl_core.admission`);
+        `client` (a chat user, an API caller) gets its share, None none (a caller in this process).
+
+        Raises:
+            ServerBusy: the queue is full, or `client` holds its share already.
+        """
+        for reply, ticket in zip(replies, self.admission.admit(client, len(replies)), strict=True):
+            reply.hold(ticket)
+        return replies
 
     def _record(self, reply: ChatReply) -> None:
         session = reply.session
@@ -374,6 +434,7 @@ class ChatService:
                 f"The message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
                 "Send a shorter excerpt."
             )
+        check_text(text, "The message")
         return text
 
     def servable_spec(self, model_id: str) -> ModelSpec:
@@ -390,23 +451,37 @@ class ChatService:
         *,
         stop_event: threading.Event | None = None,
         on_status: Callable[[str], None] | None = None,
+        client: str | None = None,
         **overrides,
     ) -> ChatReply:
         """Answer `text` in `session`; iterate the reply for chunks. The turn is recorded at the end
-        (a stopped answer too, with `stopped: True`)."""
+        (a stopped answer too, with `stopped: True`).
+
+        The answer holds a place in the admission queue, within `client`'s share (the chat's user; None:
+        no share, for callers in this process): it waits for a running slot when iterated, reporting its
+        place through `on_status` ("Busy: 2 ahead of you").
+
+        Raises:
+            BadMessage, UnknownModel, ModelUnavailable, ValueError: as `complete`.
+            ServerBusy: the queue is full, or `client` holds its share already.
+        """
         self.check_message(text)
+        check_text(session.system_prompt, "The system prompt")
         spec = self.servable_spec(session.model_id)
         params = self.params_for(spec, session.settings, **overrides)
         messages = [*session.history(), {"role": "user", "content": text}]
-        return ChatReply(
+        reply = ChatReply(
             self, session, spec, messages, params, record=True, stop_event=stop_event, on_status=on_status
         )
+        return self.admit([reply], client)[0]
 
     def complete(self, model_id: str, messages: list[dict], *, stop_event=None, **overrides) -> ChatReply:
         """A stateless answer to a message list (the API's chat completions); nothing is recorded."""
         if not messages or messages[-1].get("role") != "user":
             raise BadMessage("messages must end with a user message")
         self.check_message(messages[-1].get("content", ""))
+        for index, message in enumerate(messages[:-1]):
+            check_text(message.get("content", ""), f"Message {index}")
         spec = self.servable_spec(model_id)
         params = self.params_for(spec, None, **overrides)
         return ChatReply(self, None, spec, list(messages), params, record=False, stop_event=stop_event)
@@ -449,8 +524,11 @@ class ChatService:
                 return entry.id
         return base.rstrip("/").rsplit("/", 1)[-1] or base
 
-    def compare_with_base(self, session: ChatSession, *, stop_event=None) -> ChatReply:
-        """The last question again on the base model without the adapter (weights shared)."""
+    def compare_with_base(
+        self, session: ChatSession, *, stop_event=None, client: str | None = None
+    ) -> ChatReply:
+        """The last question again on the base model without the adapter (weights shared); it holds a
+        place in the admission queue for `client` like `respond`."""
         last_user = max((i for i, m in enumerate(session.messages) if m["role"] == "user"), default=None)
         if last_user is None:
             raise BadMessage("Nothing to compare yet: ask something first.")
@@ -460,9 +538,10 @@ class ChatService:
         params = self.params_for(spec, session.settings)
         head = session.history()[: len(session.history()) - (len(session.messages) - last_user)]
         messages = [*head, {"role": "user", "content": session.messages[last_user]["content"]}]
-        return ChatReply(
+        reply = ChatReply(
             self, session, spec, messages, params, record=False, use_adapter=False, stop_event=stop_event
         )
+        return self.admit([reply], client)[0]
 
     async def switch_model(self, session: ChatSession, model_id: str, *, on_status=None) -> str:
         """Load `model_id` for the session (history kept); returns `describe()`. On failure the
@@ -504,6 +583,11 @@ def format_status(status: dict) -> str:
     )
     lines.append(f"Queue: {status.get('queue', 0)} ({status.get('waiting_for_load', 0)} waiting for a model to load, "
                  f"{status.get('waiting_to_join', 0)} waiting to join a batch)")  # fmt: skip
+    line = status.get("admission")
+    if line:
+        refused = sum(line.get("refused", {}).values())
+        lines.append(f"Admission: {line['running']} running of {line['limits']['max_running']}, {line['waiting']} "
+                     f"waiting of {line['limits']['max_queued']}, {refused} refused since start")  # fmt: skip
     return "\n".join(lines)
 
 

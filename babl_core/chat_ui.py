@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from babl_core import words
+from babl_core.admission import ServerBusy
 from babl_core.cache import ModelBusy, base_ref
 from babl_core.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
 from babl_core.chat import BadMessage, ChatReply, ChatSession, coalesce
 from babl_core.generation import GenerationError
+from babl_core.generation_settings import SETTINGS, Setting
 from babl_core.loading import ModelUnavailable
 from babl_core.render import (
     PreviewThrottle,
@@ -42,10 +44,11 @@ MAX_NEW_TOKENS = "max_new_tokens"
 SYSTEM_PROMPT = "system_prompt"
 HTML_PREVIEW = "html_preview"
 
-GENERATION_KEYS = (TEMPERATURE, TOP_P, MAX_NEW_TOKENS)
-MAX_NEW_TOKENS_LIMIT = 4096  # above every catalog entry's default; the context check still applies
-TEMPERATURE_MAX = 2.0
-TOP_P_MIN = 0.05
+GENERATION_KEYS = (TEMPERATURE, TOP_P, MAX_NEW_TOKENS)  # the settings the chat shows, in this order
+# Bounds and help come from the one definition of each setting (`generation_settings.SETTINGS`).
+MAX_NEW_TOKENS_LIMIT = SETTINGS[MAX_NEW_TOKENS].maximum
+TEMPERATURE_MAX = SETTINGS[TEMPERATURE].maximum
+TOP_P_MIN = SETTINGS[TOP_P].step  # the slider's lowest stop: top p must stay above 0
 UI_UPDATES_PER_SECOND = 30.0  # DESIGN.md "Streaming"
 DEFAULT_HOST = "127.0.0.1"  # Chainlit's defaults (chainlit.config.DEFAULT_HOST/PORT)
 DEFAULT_PORT = 8000
@@ -278,34 +281,7 @@ def settings_widgets(choices: list[ModelChoice], state: UiState) -> list[dict[st
             "initial_value": state.chat.model_id if find_choice(choices, state.chat.model_id) else None,
             "description": model_help,
         },
-        {
-            "kind": "slider",
-            "id": TEMPERATURE,
-            "label": "Temperature",
-            "initial": float(current[TEMPERATURE]),
-            "min": 0.0,
-            "max": TEMPERATURE_MAX,
-            "step": 0.05,
-            "description": "0 = greedy (always the most likely token); higher = more varied.",
-        },
-        {
-            "kind": "slider",
-            "id": TOP_P,
-            "label": "Top p",
-            "initial": float(current[TOP_P]),
-            "min": TOP_P_MIN,
-            "max": 1.0,
-            "step": 0.05,
-            "description": "Sample only from the most likely tokens covering this probability.",
-        },
-        {
-            "kind": "number",
-            "id": MAX_NEW_TOKENS,
-            "label": "Max new tokens",
-            "initial": int(current[MAX_NEW_TOKENS]),
-            "placeholder": f"1 to {MAX_NEW_TOKENS_LIMIT}",
-            "description": f"The longest answer, in tokens (1 to {MAX_NEW_TOKENS_LIMIT}).",
-        },
+        *(setting_widget(SETTINGS[key], current[key]) for key in GENERATION_KEYS),
         {
             "kind": "text",
             "id": SYSTEM_PROMPT,
@@ -323,6 +299,17 @@ def settings_widgets(choices: list[ModelChoice], state: UiState) -> list[dict[st
             "description": "Render generated HTML in a sandboxed frame (no scripts, no network).",
         },
     ]
+
+
+def setting_widget(setting: Setting, value: Any) -> dict[str, Any]:
+    """The widget spec of one generation setting, from its definition (bounds, label, help)."""
+    if setting.widget == "slider":
+        low = setting.minimum + (setting.step if setting.above_minimum else 0)
+        return {"kind": "slider", "id": setting.name, "label": setting.label, "initial": float(value),
+                "min": low, "max": setting.maximum, "step": setting.step, "description": setting.help}  # fmt: skip
+    bounds = f"{setting.minimum:g} to {setting.maximum:g}"
+    return {"kind": "number", "id": setting.name, "label": setting.label, "initial": int(value),
+            "placeholder": bounds, "description": f"{setting.help} ({bounds})"}  # fmt: skip
 
 
 def entry_settings_fallback() -> dict[str, Any]:
@@ -379,28 +366,15 @@ def read_settings(values: dict[str, Any], state: UiState, choices: list[ModelCho
     problems: list[str] = []
     settings: dict[str, Any] = {}
 
-    temperature = _number(values.get(TEMPERATURE, current[TEMPERATURE]))
-    if temperature is None or not 0 <= temperature <= TEMPERATURE_MAX:
-        problems.append(
-            f"Temperature {values.get(TEMPERATURE)!r} is not valid: use a number from 0 to {TEMPERATURE_MAX:g}."
-        )
-        temperature = float(current[TEMPERATURE])
-    settings[TEMPERATURE] = round(temperature, 4)
-
-    top_p = _number(values.get(TOP_P, current[TOP_P]))
-    if top_p is None or not 0 < top_p <= 1:
-        problems.append(f"Top p {values.get(TOP_P)!r} is not valid: use a number above 0 and at most 1.")
-        top_p = float(current[TOP_P])
-    settings[TOP_P] = round(top_p, 4)
-
-    raw_tokens = values.get(MAX_NEW_TOKENS, current[MAX_NEW_TOKENS])
-    tokens = _number(raw_tokens)
-    if tokens is None or tokens != int(tokens) or not 1 <= tokens <= MAX_NEW_TOKENS_LIMIT:
-        problems.append(
-            f"Max new tokens {raw_tokens!r} is not valid: use a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}."
-        )
-        tokens = current[MAX_NEW_TOKENS]
-    settings[MAX_NEW_TOKENS] = int(tokens)
+    for key in GENERATION_KEYS:
+        setting = SETTINGS[key]
+        raw = values.get(key, current[key])
+        number = _number(raw)
+        value, problem = setting.parse(number) if number is not None else (None, "not a number")
+        if problem:
+            problems.append(f"{setting.label} {raw!r} is not valid: use {setting.bounds_text()}.")
+            value = current[key]
+        settings[key] = round(float(value), 4) if setting.kind == "float" else int(value)
 
     touched = {key for key in GENERATION_KEYS if settings[key] != current[key]}
 
@@ -564,7 +538,7 @@ def answer_footer(reply: ChatReply) -> str:
     return f"{notes}\n\n*{' · '.join(parts)}*"
 
 
-USER_ERRORS = (BadMessage, ModelUnavailable, ModelBusy, UnknownModel, GenerationError, ValueError)
+USER_ERRORS = (BadMessage, ModelUnavailable, ModelBusy, ServerBusy, UnknownModel, GenerationError, ValueError)
 
 
 def error_text(exc: BaseException) -> str:
@@ -573,7 +547,7 @@ def error_text(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, ModelUnavailable | UnknownModel):
         return f"{exc}. Pick another model in the settings."
-    if isinstance(exc, ModelBusy):
+    if isinstance(exc, ModelBusy | ServerBusy):
         return str(exc)
     if isinstance(exc, GenerationError):
         cause = exc.__cause__ or exc

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from babl_core.catalog import GenerationDefaults
+from babl_core.generation_settings import SETTINGS
+from babl_core.generation_settings import problems as setting_problems
 
 _END = object()
 
@@ -35,15 +37,16 @@ class GenerationError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Settings of one generation. `temperature == 0` means greedy decoding."""
+    """Settings of one generation. `temperature == 0` means greedy decoding. Defaults and bounds come
+    from `generation_settings.SETTINGS` (the one definition the catalog, API, chat and CLI share)."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    max_new_tokens: int = SETTINGS["max_new_tokens"].default
+    temperature: float = SETTINGS["temperature"].default
+    top_p: float = SETTINGS["top_p"].default
+    top_k: int = SETTINGS["top_k"].default
+    repetition_penalty: float = SETTINGS["repetition_penalty"].default
+    seed: int | None = SETTINGS["seed"].default
+    stop: tuple[str, ...] = SETTINGS["stop"].default
 
     @classmethod
     def from_defaults(cls, defaults: GenerationDefaults | None = None, **overrides: Any) -> GenerationParams:
@@ -55,6 +58,7 @@ class GenerationParams:
                 max_new_tokens=defaults.max_new_tokens,
                 temperature=defaults.temperature,
                 top_p=defaults.top_p,
+                top_k=defaults.top_k,
                 repetition_penalty=defaults.repetition_penalty,
                 stop=tuple(defaults.stop),
             )
@@ -70,20 +74,7 @@ class GenerationParams:
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every invalid setting; empty when all are fine."""
-        out = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            out.append(("max_new_tokens", f"must be a whole number above 0, got {self.max_new_tokens!r}"))
-        if self.temperature < 0:
-            out.append(("temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature}"))
-        if not 0 < self.top_p <= 1:
-            out.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
-        if self.top_k < 0:
-            out.append(("top_k", f"must be ≥ 0 (0 = off), got {self.top_k}"))
-        if self.repetition_penalty <= 0:
-            out.append(("repetition_penalty", f"must be above 0 (1.0 = off), got {self.repetition_penalty}"))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            out.append(("stop", "stop sequences must be non-empty strings"))
-        return out
+        return setting_problems(self.__dict__)
 
     def validate(self) -> GenerationParams:
         problems = self.problems()

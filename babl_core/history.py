@@ -644,8 +644,10 @@ def register_file_route(app) -> None:
 
     router = APIRouter()
 
-    @router.get(FILES_ROUTE + "/{object_key:path}")
-    async def stored_file(object_key: str, current_user=Depends(get_current_user)) -> FileResponse:
+    # No return annotation: with postponed annotations it is a forward reference to this function's
+    # import, which the OpenAPI schema cannot resolve (GET /openapi.json answered 500).
+    @router.get(FILES_ROUTE + "/{object_key:path}", response_class=FileResponse)
+    async def stored_file(object_key: str, current_user=Depends(get_current_user)):
         if current_user is None:
             raise HTTPException(status_code=401, detail="Log in to download stored files")
         layer = get_data_layer()

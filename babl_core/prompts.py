@@ -570,36 +570,110 @@ def build_prompt(
             return text, 0
         return text, count_tokens(tokenizer, text, add_special_tokens=add_special_tokens)
 
-    text, count = attempt(0)
     if tokenizer is None:
+        text, _ = attempt(0)
         return Prompt(text, add_special_tokens, 0, 0, notes)
     available = context_length if seq2seq else context_length - max_new_tokens
-    dropped = 0
+    total = len(conversation.turns)
+    text, count = attempt(total)  # the system prompt and the message alone
     if count > available:
-        total = len(conversation.turns)
-        text, count = attempt(total)
-        if count > available:
-            raise PromptTooLong(
-                _too_long_message(
-                    style, conversation, count, available, context_length, max_new_tokens, seq2seq
-                ),
-                needed_tokens=count,
-                available_tokens=max(available, 0),
-            )
-        # Keeping fewer turns never makes the prompt longer, so bisect for the fewest to drop.
-        # Invariant: dropping `low` turns does not fit, dropping `high` does (and gave text, count).
-        low, high = 0, total
-        while high - low > 1:
-            middle = (low + high) // 2
-            candidate = attempt(middle)
-            if candidate[1] <= available:
-                high, (text, count) = middle, candidate
-            else:
-                low = middle
-        dropped = high
+        raise PromptTooLong(
+            _too_long_message(style, conversation, count, available, context_length, max_new_tokens, seq2seq),
+            needed_tokens=count,
+            available_tokens=max(available, 0),
+        )
+    dropped = total
+    if total:
+        dropped, (text, count) = _fewest_dropped(attempt, conversation.turns, tokenizer, available, count)
+    if dropped:
         plural = "turn" if dropped == 1 else "turns"
         notes.append(f"dropped {dropped} oldest {plural} to fit the {context_length}-token context")
     return Prompt(text, add_special_tokens, count, dropped, notes)
+
+
+CHARS_PER_TOKEN_BOUND = 8
+"""A text longer than (limit + 1) x this many characters is counted on such a prefix first: no tokenizer
+here averages more characters per token, so the prefix alone already shows that it overflows."""
+TURN_SLACK_TOKENS = 6
+"""How far a turn counted on its own may differ from its tokens inside the rendered prompt."""
+
+
+def _count_at_least(tokenizer, text: str, limit: int) -> int:
+    """The tokens of `text`, or, when it surely has more than `limit`, a number above `limit`: a long
+    text is counted on a prefix first, so a 1 MB message is not tokenized to learn that it overflows."""
+    cut = (max(limit, 0) + TURN_SLACK_TOKENS + 1) * CHARS_PER_TOKEN_BOUND
+    if len(text) > cut:
+        prefix = count_tokens(tokenizer, text[:cut], add_special_tokens=False)
+        if prefix > limit + TURN_SLACK_TOKENS:
+            return prefix
+    return count_tokens(tokenizer, text, add_special_tokens=False)
+
+
+def _fewest_dropped(
+    attempt, turns: tuple, tokenizer, available: int, alone: int
+) -> tuple[int, tuple[str, int]]:
+    """The fewest oldest turns to drop so the prompt fits, and `attempt(that number)`.
+
+    Linear in the conversation's length: rendering and counting the whole history for each guess (a
+    bisection) cost a 19 MB history tens of seconds. Here each turn is counted once, newest first, until
+    the turns alone exceed the tokens left next to the system prompt and the message: older
+    turns cannot fit, and their text is never tokenized (a long one only in part). That count ignores
+    the template's tokens between turns, so the guess is then checked on the rendered prompt, which is
+    never much longer than the context: one step down to confirm (unless the next turn overflows by
+    far), galloping up while it does not fit, then bisection.
+    Keeping fewer turns never makes the prompt longer, which makes the answer exact.
+
+    Args:
+        attempt: drop count -> (rendered text, token count).
+        turns: the earlier (user, assistant) pairs, oldest first.
+        tokenizer: counts each turn's text.
+        available: tokens the prompt may have.
+        alone: tokens of the prompt without any turn (dropping them all fits).
+    """
+    room = available - alone
+    kept, used = 0, 0
+    for user, assistant in reversed(turns):
+        used += _count_at_least(tokenizer, user, room - used)
+        used += _count_at_least(tokenizer, assistant, room - used)
+        if used > room:
+            break
+        kept += 1
+    total = len(turns)
+    # Each turn's count may be off by a few tokens inside the template (merges at its edges, a prefix cut).
+    surely_over = kept < total and used > room + TURN_SLACK_TOKENS * (kept + 1) + TURN_SLACK_TOKENS
+    budget = available
+    guess = total - kept
+    result = attempt(guess)
+    if result[1] <= budget:
+        high, best, step = guess, result, 1
+        if surely_over:  # the next older turn overflows by far: no need to render it to know
+            return high, best
+        while high > 0:  # usually one render: the turn before the guess did not fit on its own
+            candidate = max(high - step, 0)
+            tried = attempt(candidate)
+            if tried[1] > budget:
+                low = candidate
+                break
+            high, best, step = candidate, tried, step * 2
+        else:
+            return 0, best
+    else:
+        low, step = guess, 1
+        while True:  # dropping every turn fits (checked by the caller)
+            candidate = min(low + step, total)
+            tried = attempt(candidate)
+            if tried[1] <= budget:
+                high, best = candidate, tried
+                break
+            low, step = candidate, step * 2
+    while high - low > 1:  # invariant: dropping `low` turns does not fit, dropping `high` does
+        middle = (low + high) // 2
+        tried = attempt(middle)
+        if tried[1] <= budget:
+            high, best = middle, tried
+        else:
+            low = middle
+    return high, best
 
 
 def _too_long_message(

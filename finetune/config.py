@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
+from babl_core.generation_settings import SETTINGS
 
 KINDS = ("causal", "seq2seq", "auto")
 QUANTIZATIONS = ("nf4", "int8", "none", "auto")
@@ -535,14 +536,18 @@ def _eval_problems(config: FinetuneConfig) -> list[str]:
     """Checks of the eval group (see `EvalArgs`)."""
     evaluation = config.eval
     problems = []
-    for key in ("eval_limit", "eval_max_new_tokens"):
-        value = getattr(evaluation, key)
-        if value is not None and value <= 0:
-            problems.append(f"{key}: {value} must be above 0, or null for the default")
+    if evaluation.eval_limit is not None and evaluation.eval_limit <= 0:
+        problems.append(f"eval_limit: {evaluation.eval_limit} must be above 0, or null for the default")
     if evaluation.eval_samples <= 0:
         problems.append(f"eval_samples: {evaluation.eval_samples} must be above 0, e.g. 1")
-    if evaluation.eval_temperature < 0:
-        problems.append(f"eval_temperature: {evaluation.eval_temperature} must be 0 (greedy) or more")
+    # The same bounds as the app's (one definition), checked here so a run fails before it trains.
+    for key, name in (("eval_max_new_tokens", "max_new_tokens"), ("eval_temperature", "temperature")):
+        value = getattr(evaluation, key)
+        problem = None if value is None else SETTINGS[name].problem(value)
+        if problem:
+            problems.append(
+                f"{key}: {problem}" + (", or null for the default" if key == "eval_max_new_tokens" else "")
+            )
     if evaluation.eval_samples > 1 and evaluation.eval_temperature == 0:
         problems.append(
             f"eval_samples: {evaluation.eval_samples} greedy answers would all be the same; set "

@@ -446,3 +446,18 @@ def test_seed_003_model_choice(models_dir):
     with pytest.raises(api.ApiError) as info:
         choose(email_spec("x", demo=False, base="models/nowhere"))
     assert info.value.status == 503
+
+
+def test_openapi_schema_and_docs_answer_with_every_route(local_app, monkeypatch):
+    from babl_core import history
+
+    monkeypatch.delenv("BABL_API_KEY", raising=False)
+    history.register_file_route(local_app)  # its route once made /openapi.json a 500
+    with TestClient(local_app) as http:
+        schema = http.get("/openapi.json")
+        assert schema.status_code == 200, schema.text[:300]
+        paths = schema.json()["paths"]
+        assert {"/v1/chat/completions", "/v1/completions", "/api/generate"} <= set(paths)
+        assert any(path.startswith(history.FILES_ROUTE) for path in paths)
+        docs = http.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()

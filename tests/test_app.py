@@ -386,8 +386,9 @@ def test_editing_a_message_regenerates_from_there(app_module, svc, recorder):
         ("   ", "The message is empty"),
         ("x" * 1_000_000, "the limit is 100,000"),
         (" ".join(f"word{i}" for i in range(6000)), "The prompt is too long"),
+        ("a lone surrogate \ud800 here", "The message contains an invalid character"),
     ],
-    ids=["empty", "1MB", "longer-than-the-context"],
+    ids=["empty", "1MB", "longer-than-the-context", "lone-surrogate"],
 )
 def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(app_module, svc, text, expected):
     async def go():
@@ -401,6 +402,33 @@ def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(app_module,
     session = state_of(tab).chat
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["a short question"]
     assert tab.last_answer()["name"] == "demo-html"
+
+
+def test_a_busy_server_shows_the_place_in_line_then_answers(app_module, svc):
+    from babl_core.admission import Admission, Limits
+
+    svc.admission = Admission(Limits(max_running=1, max_queued=1))
+
+    async def go():
+        blocker = svc.admission.admit("user:someone-else", 1)[0]
+        await blocker.wait()  # the only running slot is taken
+        tab = await started(app_module)
+        sending = asyncio.create_task(tab.send(app_module, "a short question"))
+        for _ in range(1200):  # the first message loads the model first: seconds on a busy machine
+            await asyncio.sleep(0.05)
+            if any("Busy" in (s.get("output") or "") for s in tab.screen()):
+                break
+        waiting = [s["output"] for s in tab.screen() if "Busy" in (s.get("output") or "")]
+        assert waiting == ["*Busy: you are next…*"] and not sending.done()
+        other = await started(app_module)  # another tab while the one place in line is taken: told so
+        await other.send(app_module, "me too")
+        blocker.release()
+        await asyncio.wait_for(sending, 60)
+        return tab, other
+
+    tab, other = run(go())
+    assert tab.last_answer()["output"] and not tab.errors()
+    assert len(other.errors()) == 1 and other.errors()[0].startswith("The server is busy")
 
 
 def test_html_answer_has_a_sandboxed_preview_that_is_its_one_download(app_module, svc):

@@ -66,7 +66,7 @@ def test_every_problem_is_reported_at_once_with_entry_field_and_fix():
     assert any("'bad-task'" in p and "'task'" in p and "did you mean 'html'" in p for p in problems)
     assert any("'Bad Id'" in p and "slug" in p for p in problems)
     assert any("'quantisation'" in p and "did you mean 'quantization'" in p for p in problems)
-    assert any("generation.temperature" in p and "≥ 0" in p for p in problems)
+    assert any("generation.temperature" in p and "from 0 to 2" in p for p in problems)
     assert any("generation.max_new_tokens" in p for p in problems)
     assert any("generation.top_q" in p and "top_p" in p for p in problems)
     assert any("'remote'" in p and "base_url" in p for p in problems)

@@ -332,6 +332,7 @@ def test_status_shows_bases_batches_generations_and_queue(service, capsys):
     text = format_status(busiest)
     assert "Loaded bases: 1 of 3 slots" in text and "batch: 2 of 16 rows decoding" in text
     assert "Active generations: 2" in text and "Queue: 0" in text
+    assert busiest["admission"]["running"] == 2 and "Admission: 2 running of 16, 0 waiting of 64" in text
 
     class StatusHandler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

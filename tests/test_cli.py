@@ -71,9 +71,14 @@ def test_unknown_model_is_exit_2_with_a_suggestion(capsys):
     assert "Did you mean 'demo-python'" in capsys.readouterr().err
 
 
-def test_bad_setting_is_exit_2_naming_it(capsys):
-    assert main(["generate", "--model", "demo-python", "hi", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+@pytest.mark.parametrize("value", ["-1", "100", "inf", "nan", "hot"])
+def test_bad_setting_is_exit_2_naming_it(capsys, value):
+    # Refused while the arguments are read (argparse exits with 2), before anything loads.
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", "demo-python", "hi", "--temperature", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "temperature" in err and "from 0 to 2" in err
 
 
 def test_empty_prompt_is_exit_2(capsys):

@@ -164,3 +164,18 @@ def test_t5_recipes_keep_their_seeds():
     assert code.data.columns == {"text": "text", "code": "code"}
     for config in (email, qa, code):
         assert config.model.kind == "seq2seq" and config.model.quantization == "none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eval_temperature": "100"}, "eval_temperature: must be a number from 0 to 2"),
+        ({"eval_temperature": "-1"}, "eval_temperature: must be a number from 0 to 2"),
+        ({"eval_max_new_tokens": "100000"}, "eval_max_new_tokens: must be a whole number from 1 to 4096"),
+    ],
+)
+def test_eval_generation_settings_have_the_apps_bounds(overrides, message):
+    # The same definition as the app's, so an eval setting the app would refuse fails before training.
+    path = sorted((REPO_ROOT / "configs" / "finetune").glob("demo-*.yaml"))[0]
+    _, problems = build_config(read_yaml(path), overrides=overrides)
+    assert any(message in p for p in problems), problems

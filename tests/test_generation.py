@@ -78,7 +78,7 @@ def test_stop_event_ends_generation_within_one_step(causal):
 
 def test_stop_from_another_thread_keeps_partial_text(causal):
     event = threading.Event()
-    gen = stream(causal, "class A:", GenerationParams(max_new_tokens=5000, temperature=0), event)
+    gen = stream(causal, "class A:", GenerationParams(max_new_tokens=4096, temperature=0), event)
     threading.Timer(0.3, event.set).start()
     start = time.perf_counter()
     text = "".join(gen)

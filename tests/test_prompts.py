@@ -386,6 +386,49 @@ def test_trimming_drops_the_fewest_oldest_turns_and_keeps_the_system_prompt(plai
     assert tighter.notes == [f"dropped 4 oldest turns to fit the {needed + 99}-token context"]
 
 
+class CountingTokenizer:
+    """Wraps a tokenizer and counts the characters it is asked to encode."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.chars = 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_trimming_a_huge_history_tokenizes_about_what_fits_not_the_history(plain_causal_tok):
+    # A long chat (or a 19 MB API history) once was rendered and tokenized whole for every guess, on the
+    # event loop: trimming must cost about what fits in the context, whatever lies beyond it.
+    history = []
+    for i in range(400):
+        history += [user(f"question {i} " + "words " * 500), {"role": "assistant", "content": "reply " * 500}]
+    messages = [*history, user("the final question")]
+    history_chars = sum(len(m["content"]) for m in messages)
+    counting = CountingTokenizer(plain_causal_tok)
+    prompt = build_prompt("plain-chat", messages, counting, context_length=4096, max_new_tokens=256)
+    reference = build_prompt(
+        "plain-chat", messages[-9:], plain_causal_tok, context_length=4096, max_new_tokens=256
+    )
+    assert prompt.dropped_turns == 400 - 4 + reference.dropped_turns  # the fewest, as before
+    assert prompt.token_count <= 4096 - 256
+    assert counting.chars < history_chars / 20, (counting.chars, history_chars)
+
+
+def test_one_huge_old_turn_is_counted_only_in_part(plain_causal_tok):
+    huge = [user("a huge paste " + "lorem ipsum " * 100_000), {"role": "assistant", "content": "noted"}]
+    recent = [user("short question"), {"role": "assistant", "content": "short answer"}]
+    messages = [*huge, *recent, user("the final question")]
+    counting = CountingTokenizer(plain_causal_tok)
+    prompt = build_prompt("plain-chat", messages, counting, context_length=2048, max_new_tokens=256)
+    assert prompt.dropped_turns == 1 and "short answer" in prompt.text
+    assert counting.chars < 100_000, counting.chars  # the 1.2M-character turn was never tokenized whole
+
+
 def test_nothing_dropped_when_it_fits(plain_causal_tok):
     prompt = build_prompt(
         "plain-chat", conversation(3), plain_causal_tok, context_length=2048, max_new_tokens=256
