@@ -36,6 +36,8 @@ def _session_env(session_models_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BABL_MODELS_DIR", str(session_models_dir))
         mp.setenv("BABL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        # Unit tests run on the tiny random-weight models; tests of the real SmolLM2 ask for it by id.
+        mp.setenv("BABL_DEFAULT_MODEL", "demo-html")
         yield
 
 
