@@ -53,8 +53,10 @@ class _Entry:
 
 
 def base_ref(spec: ModelSpec) -> str:
-    """The entry's base as the cache names it: a hub id, or the absolute path of a local folder."""
-    return str(settings.resolve_path(spec.base).resolve()) if looks_like_path(spec.base) else spec.base
+    """The entry's base as the cache names it: a hub id, or the absolute path of a local folder, plus
+    the GGUF file for GGUF entries (entries on one GGUF share a copy; other files of one repo do not)."""
+    base = str(settings.resolve_path(spec.base).resolve()) if looks_like_path(spec.base) else spec.base
+    return f"{base} ({spec.gguf_file})" if spec.gguf_file else base
 
 
 def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
@@ -63,11 +65,27 @@ def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
 
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
     """Rough in-memory size before loading: weight files on disk, scaled for 4/8-bit loads."""
-    folder = settings.resolve_path(spec.base) if looks_like_path(spec.base) else hub_cached_dir(spec.base)
+    if spec.gguf_file:
+        folder = _converted_if_present(spec, plan)
+    elif looks_like_path(spec.base):
+        folder = settings.resolve_path(spec.base)
+    else:
+        folder = hub_cached_dir(spec.base)
     if not folder or not folder.is_dir():
         return 0
     size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     return int(size * {"nf4": 0.3, "int8": 0.55}.get(plan.quantization, 1.0))
+
+
+def _converted_if_present(spec: ModelSpec, plan: LoadPlan):
+    """A GGUF entry's converted folder when it exists already (never converts: this is an estimate)."""
+    from babl_core import gguf
+
+    try:
+        sha = gguf.remembered_sha256(gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base)))
+    except (gguf.GGUFUnavailable, OSError):
+        return None
+    return gguf.target_dir(sha, plan.dtype) if sha else None
 
 
 class ModelCache:

@@ -1,10 +1,11 @@
 """Many users at once: aggregate tokens/s and time to first chunk at 1, 4 and 8 concurrent requests.
 
-    .venv/bin/python bench/concurrency.py [--repeats 3] [--tokens 128] [--threads N] [--inprocess]
-                                          [--babl-url URL] [--babl-dtype bfloat16 | --babl-quantization nf4]
+    .venv/bin/python bench/concurrency.py [--model llama-105m|smollm2] [--repeats 3] [--tokens 128]
+                                          [--threads N] [--inprocess] [--babl-url URL]
+                                          [--babl-dtype bfloat16 | --babl-quantization nf4]
 
 Starts, as children of this process, Babl (`chainlit run app.py` with a temporary catalog holding the
-~105M random Llama) and `transformers serve DIR --continuous-batching` on the same model directory in
+~105M random Llama, or SmolLM2-135M-Instruct with real weights with `--model smollm2`) and `transformers serve DIR --continuous-batching` on the same model directory in
 the same dtype (fp32), then sends streamed greedy `POST /v1/completions` requests (128 new tokens,
 a different prompt each) to:
   babl        Babl's API, N requests at once
@@ -19,7 +20,9 @@ fp32 (serve stays fp32) and reports the logit drift of that load against fp32.
 
 `--inprocess` measures Babl through `ChatService.complete` in this process instead of HTTP (for a
 checkout without the API routes); its rows are labelled so. `--babl-url` uses a Babl you started
-yourself (its catalog must have the entry `bench-105m`). JSON: bench/results/concurrency.json.
+yourself (its catalog must have the entry `bench-model`). SmolLM2's prompts are framed by its chat template. JSON: bench/results/concurrency.json
+(concurrency-smollm2.json for SmolLM2). A real model may end an answer before --tokens: tokens/s counts
+the tokens written.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ from pathlib import Path
 from bench_models import (
     PROMPTS,
     ROOT,
-    build_llama_105m,
+    add_model_option,
     median,
+    model_dir,
     percentile,
+    result_name,
     say,
     write_catalog,
     write_result,
 )
 
-ENTRY = "bench-105m"
+ENTRY = "bench-model"  # the benchmark catalog's one entry, on the --model chosen
 LEVELS = (1, 4, 8)
 
 
@@ -125,11 +130,13 @@ async def one_request(client, url: str, body: dict, t0: float) -> dict:
             "done_s": time.perf_counter() - t0}  # fmt: skip
 
 
-async def http_round(url: str, model: str, n: int, tokens: int, sequential: bool) -> dict:
+async def http_round(
+    url: str, model: str, n: int, tokens: int, sequential: bool, prompts: list[str] = PROMPTS
+) -> dict:
     import httpx
 
     bodies = [
-        {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0,
+        {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": tokens, "temperature": 0,
          "stream": True, "stream_options": {"include_usage": True}}
         for i in range(n)
     ]  # fmt: skip
@@ -222,12 +229,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request (default 128)")
     parser.add_argument("--inprocess", action="store_true", help="Babl through ChatService here, not HTTP")
     parser.add_argument(
-        "--babl-url", help="a running Babl (entry bench-105m in its catalog) instead of starting one"
+        "--babl-url", help="a running Babl (entry bench-model in its catalog) instead of starting one"
     )
     parser.add_argument("--no-serve", action="store_true", help="skip transformers serve")
     parser.add_argument("--babl-dtype", default="float32", help="Babl's dtype (stretch: bfloat16)")
     parser.add_argument("--babl-quantization", default="none", help="Babl's quantization (stretch: nf4)")
     parser.add_argument("--tiny", action="store_true", help="the tiny demo-size Llama: a quick smoke run")
+    add_model_option(parser)
     parser.add_argument(
         "--threads", type=int, help="torch threads for Babl and serve alike (OMP_NUM_THREADS, BABL_THREADS); "
         "1 keeps figures stable on a machine other jobs share"
@@ -242,15 +250,28 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     servers: list[Server] = []
     try:
-        model_dir = build_llama_105m(tmp / "llama-105m", tiny=args.tiny)
+        model_path = model_dir(args.model, tmp, tiny=args.tiny)
         catalog = write_catalog(
             tmp / "models.yaml",
-            {ENTRY: {"base": model_dir, "dtype": args.babl_dtype, "quantization": args.babl_quantization}},
+            {ENTRY: {"base": model_path, "dtype": args.babl_dtype, "quantization": args.babl_quantization}},
         )
         # Every concurrent request comes from this one address: lift the per-client share (admission
         # control, default 4) so the rounds measure batching, not refusals.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BABL_MODELS": str(catalog), "PYTHONUNBUFFERED": "1",
                "BABL_MAX_PER_CLIENT": os.environ.get("BABL_MAX_PER_CLIENT", "64")}  # fmt: skip
+        # A random-weight model continues any text; SmolLM2 gets each prompt framed by its chat template
+        # (the same text to both servers; a bare prompt makes it write template tokens that decode to "").
+        prompts = PROMPTS
+        if args.model == "smollm2":
+            from transformers import AutoTokenizer
+
+            template = AutoTokenizer.from_pretrained(model_path)
+            prompts = [
+                template.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in PROMPTS
+            ]
         service = None
         babl_url = None
         if args.inprocess:
@@ -271,7 +292,7 @@ def main() -> int:
         if not args.no_serve:
             port = free_port()
             exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
-            serve = Server("serve", [exe, "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
+            serve = Server("serve", [exe, "serve", str(model_path), "--continuous-batching", "--host", "127.0.0.1",
                                      "--port", str(port), "--device", "cpu", "--dtype", "float32"],
                            port, env, tmp, "/health")  # fmt: skip
             servers.append(serve)
@@ -286,10 +307,12 @@ def main() -> int:
         def run(target: str, n: int) -> dict:
             sequential = target == "sequential"
             if target == "serve":
-                return loop.run_until_complete(http_round(serve_url, str(model_dir), n, args.tokens, False))
+                return loop.run_until_complete(
+                    http_round(serve_url, str(model_path), n, args.tokens, False, prompts)
+                )
             if service is not None:
                 return loop.run_until_complete(inprocess_round(service, n, args.tokens, sequential))
-            return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential))
+            return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential, prompts))
 
         targets = ["babl", "sequential"] + ([] if args.no_serve else ["serve"])
         for target in targets:  # warm-up: loads the models, first-call kernels
@@ -317,7 +340,7 @@ def main() -> int:
         }
         drift = None
         if args.babl_dtype != "float32" or args.babl_quantization != "none":
-            drift = logit_drift(model_dir, args.babl_dtype, args.babl_quantization)
+            drift = logit_drift(model_path, args.babl_dtype, args.babl_quantization)
     finally:
         for server in servers:
             server.stop()
@@ -346,8 +369,8 @@ def main() -> int:
         print(f"logit drift of {drift['load']} vs fp32 over {drift['steps']} steps: max |Δ| "
               f"{drift['max_abs_diff']:.4f}, mean |Δ| {drift['mean_abs_diff']:.5f} (logit std "
               f"{drift['logit_std']:.3f}), top-1 agreement {drift['top1_agreement']:.0%}")  # fmt: skip
-    path = write_result("concurrency", {
-        "command": " ".join(sys.argv), "mode": "inprocess" if args.inprocess else "http", "threads": args.threads,
+    path = write_result(result_name("concurrency", args.model), {
+        "command": " ".join(sys.argv), "model": args.model, "mode": "inprocess" if args.inprocess else "http", "threads": args.threads,
         "tokens": args.tokens, "repeats": args.repeats, "babl_dtype": args.babl_dtype,
         "babl_quantization": args.babl_quantization, "summary": summary, "ratios": ratios, "drift": drift,
         "runs": rows,
