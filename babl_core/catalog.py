@@ -28,7 +28,7 @@ KINDS = ("causal", "seq2seq")
 QUANTIZATIONS = ("nf4", "int8", "none", "auto")
 DTYPES = ("float16", "bfloat16", "float32", "auto")
 # Kept here (not imported from prompts) so the catalog can be validated without importing torch.
-PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat")
+PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat", "chat-qa")
 DEFAULT_STYLE_FOR_TASK = {
     "html": "codellama-inst",
     "python": "alpaca-code",

@@ -187,7 +187,7 @@ def test_seq2seq_dry_run_shows_encoder_input_and_target_with_and_without_context
 
 
 def test_with_context_false_only_fits_the_qa_style(models_dir):
-    with pytest.raises(ConfigError, match="with_context: false only applies to the t5-qa style"):
+    with pytest.raises(ConfigError, match="with_context: false only applies to question-answering styles"):
         load_config(REPO_ROOT / "configs" / "finetune" / "demo-email.yaml", {"with_context": "false"})
 
 
