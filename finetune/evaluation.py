@@ -15,9 +15,15 @@ ROUGE-1/2/L; python and code → pass@k, each answer's code run against the prob
 sandbox (rows with a `test_list` column, MBPP-style, or HumanEval with `eval_set: humaneval`); html →
 the fraction of answers that are valid HTML5 documents; chat → loss only.
 
-Results go to `<adapter>/eval.json` (`eval-humaneval.json` for HumanEval), into `babl.json`'s
-`metrics["eval"][<eval set>]` (rewritten atomically, so the app never reads half a file), and to the
-terminal as a table.
+Beside the adapter, the base model is measured the same way (`eval_base`, on by default): the same
+loaded weights with the adapter switched off (`LoadedModel.with_adapter(None)`), the same rows, prompts,
+generation settings and scoring, so "base" and "adapter" differ only by what training changed.
+
+Results go to `<adapter>/eval.json` (`eval-humaneval.json` for HumanEval; `base_metrics` and each
+example's `base_answers` beside the adapter's), into `babl.json`'s `metrics["eval"][<eval set>]` (each
+metric with `base_<name>` beside it) and its flat headline keys (`pass_at_1`/`base_pass_at_1`, …; see
+`EvalReport.headline`), rewritten atomically so the app never reads half a file, and to the terminal as
+a table with a base, an adapter and a change column.
 """
 
 from __future__ import annotations

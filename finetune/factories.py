@@ -165,7 +165,12 @@ def base_evaluation(trainer) -> dict:
     model = trainer.model
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with off:
-        return trainer.evaluate()
+        metrics = trainer.evaluate()
+    log.info(
+        "base model on the %d held-out rows, before training: eval loss %.4f",
+        len(trainer.eval_dataset), metrics["eval_loss"],
+    )  # fmt: skip
+    return metrics
 
 
 def train_and_evaluate(trainer, config: FinetuneConfig, checkpoint_dir) -> tuple:
