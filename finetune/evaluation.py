@@ -34,6 +34,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -362,8 +363,15 @@ def completion_for(problem: dict, code: str) -> str:
     continues the prompt, as a function body. MBPP-style rows: the code is the whole solution.
     """
     if "entry_point" in problem:
-        whole = re.search(rf"^def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE)
-        return "\n" + code if whole else code
+        defines = rf"^def\s+{re.escape(problem['entry_point'])}\s*\("
+        if re.search(defines, code, re.MULTILINE):
+            return "\n" + code
+        # A whole function indented as a block (seed 002's format indents the response by four spaces,
+        # and models often keep that inside a code fence) is still the whole function.
+        dedented = textwrap.dedent(code)
+        if dedented != code and re.match(defines, dedented.lstrip("\n")):
+            return "\n" + dedented
+        return code
     return code
 
 

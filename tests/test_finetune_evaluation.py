@@ -269,6 +269,22 @@ def humaneval_answer(example, *, whole: bool) -> str:
     return problem["canonical_solution"]  # a body that continues the prompt
 
 
+def test_a_whole_function_indented_as_a_block_counts_as_the_whole_function():
+    """Seed 002's format indents the response by four spaces; an answer that keeps that indentation for
+    a whole function (often inside a code fence) must not be read as a function body."""
+    from finetune.evaluation import code_from_answer, completion_for
+
+    problem = {"entry_point": "add", "prompt": 'def add(a, b):\n    """Add."""\n'}
+    fenced = " ```\n    def add(a, b):\n        return a + b\n    ```\n"
+    assert completion_for(problem, code_from_answer(fenced)) == "\ndef add(a, b):\n    return a + b\n"
+    body = "    return a + b\n"  # a body continues the prompt, indentation kept
+    assert completion_for(problem, code_from_answer(body)) == body
+    program = problem["prompt"] + completion_for(problem, code_from_answer(fenced))
+    namespace: dict = {}
+    exec(compile(program, "answer", "exec"), namespace)
+    assert namespace["add"](2, 3) == 5
+
+
 def test_humaneval_canonical_solutions_score_one_and_wrong_ones_zero(trained):
     from finetune.evaluation import run_eval, write_results
     from finetune.metrics import load_humaneval
