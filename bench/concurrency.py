@@ -20,7 +20,7 @@ fp32 (serve stays fp32) and reports the logit drift of that load against fp32.
 
 `--inprocess` measures Babl through `ChatService.complete` in this process instead of HTTP (for a
 checkout without the API routes); its rows are labelled so. `--babl-url` uses a Babl you started
-yourself (its catalog must have the entry `bench-model`). JSON: bench/results/concurrency.json
+yourself (its catalog must have the entry `bench-model`). SmolLM2's prompts are framed by its chat template. JSON: bench/results/concurrency.json
 (concurrency-smollm2.json for SmolLM2). A real model may end an answer before --tokens: tokens/s counts
 the tokens written.
 """
@@ -130,11 +130,13 @@ async def one_request(client, url: str, body: dict, t0: float) -> dict:
             "done_s": time.perf_counter() - t0}  # fmt: skip
 
 
-async def http_round(url: str, model: str, n: int, tokens: int, sequential: bool) -> dict:
+async def http_round(
+    url: str, model: str, n: int, tokens: int, sequential: bool, prompts: list[str] = PROMPTS
+) -> dict:
     import httpx
 
     bodies = [
-        {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0,
+        {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": tokens, "temperature": 0,
          "stream": True, "stream_options": {"include_usage": True}}
         for i in range(n)
     ]  # fmt: skip
@@ -254,6 +256,19 @@ def main() -> int:
             {ENTRY: {"base": model_path, "dtype": args.babl_dtype, "quantization": args.babl_quantization}},
         )
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BABL_MODELS": str(catalog), "PYTHONUNBUFFERED": "1"}
+        # A random-weight model continues any text; SmolLM2 gets each prompt framed by its chat template
+        # (the same text to both servers; a bare prompt makes it write template tokens that decode to "").
+        prompts = PROMPTS
+        if args.model == "smollm2":
+            from transformers import AutoTokenizer
+
+            template = AutoTokenizer.from_pretrained(model_path)
+            prompts = [
+                template.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in PROMPTS
+            ]
         service = None
         babl_url = None
         if args.inprocess:
@@ -289,10 +304,12 @@ def main() -> int:
         def run(target: str, n: int) -> dict:
             sequential = target == "sequential"
             if target == "serve":
-                return loop.run_until_complete(http_round(serve_url, str(model_path), n, args.tokens, False))
+                return loop.run_until_complete(
+                    http_round(serve_url, str(model_path), n, args.tokens, False, prompts)
+                )
             if service is not None:
                 return loop.run_until_complete(inprocess_round(service, n, args.tokens, sequential))
-            return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential))
+            return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential, prompts))
 
         targets = ["babl", "sequential"] + ([] if args.no_serve else ["serve"])
         for target in targets:  # warm-up: loads the models, first-call kernels
