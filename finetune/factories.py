@@ -155,8 +155,8 @@ def base_evaluation(trainer) -> dict:
     batches and loss as the final evaluation, so `base_eval_loss` and `eval_loss` compare like for like.
 
     The adapter is switched off for the pass (a fresh LoRA adds exactly zero anyway, and a full fine-tune
-    has not changed a weight yet). Returns {} without an eval set. The pass is logged at step 0, so the
-    loss curve's eval line starts from the base.
+    has not changed a weight yet). Returns {} without an eval set. The pass is kept out of the trainer's
+    history, which (like the loss curve, the checkpoints and a resumed run) starts at step 1.
     """
     from contextlib import nullcontext
 
@@ -166,6 +166,9 @@ def base_evaluation(trainer) -> dict:
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with off:
         metrics = trainer.evaluate()
+    history = trainer.state.log_history
+    if history and "eval_loss" in history[-1] and history[-1].get("step", 0) == 0:
+        history.pop()
     log.info(
         "base model on the %d held-out rows, before training: eval loss %.4f",
         len(trainer.eval_dataset), metrics["eval_loss"],
