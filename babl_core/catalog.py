@@ -31,8 +31,8 @@ DTYPES = ("float16", "bfloat16", "float32", "auto")
 # `auto` means transformers until a second local engine exists.
 ENGINES = ("transformers", "auto")
 # Kept here (not imported from prompts) so the catalog can be validated without importing torch.
-PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat")
-SYSTEM_PROMPT_STYLES = ("codellama-inst", "plain-chat")  # styles that send a system prompt
+PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat", "chat-qa")
+SYSTEM_PROMPT_STYLES = ("codellama-inst", "plain-chat", "chat-qa")  # styles that send a system prompt
 DEFAULT_STYLE_FOR_TASK = {
     "html": "codellama-inst",
     "python": "alpaca-code",

@@ -501,6 +501,60 @@ class T5CodeStyle(PromptStyle):
         return code_prompt(fields["text"]), fields["code"]
 
 
+QA_INSTRUCTION_WITH_CONTEXT = "Answer the question with a few words taken from the context."
+QA_INSTRUCTION = "Answer the question in a few words."
+
+
+def qa_message(question: str, context: str | None = None) -> str:
+    """The user message `chat-qa` sends: the context (when given), the question, then how to answer.
+
+    The labels are the ones the chat understands (`parse_qa_request`), so a message typed as
+    "Question: … Context: …" and a training row with the same question and context give the same text.
+    """
+    question = question.strip()
+    if not question:
+        raise ValueError("chat-qa needs a question: write it in the message (e.g. 'Question: who wrote it?')")
+    context = (context or "").strip()
+    if context:
+        return f"Context: {context}\n\nQuestion: {question}\n\n{QA_INSTRUCTION_WITH_CONTEXT}"
+    return f"Question: {question}\n\n{QA_INSTRUCTION}"
+
+
+class ChatQAStyle(PromptStyle):
+    """Seed 004's question answering for causal chat models: one user message holding the context passage
+    (optional) and the question, rendered through the tokenizer's chat template when it has one (else
+    `User:` / `Assistant:` lines, as `plain-chat`). The answer is the short span itself.
+
+    The causal twin of `t5-qa`: the same fields and the same `with_context` switch, so seed 004's
+    experiment runs on a real chat model (SmolLM2) as well as on T5.
+    """
+
+    name = "chat-qa"
+    required_fields = ("question", "answer")
+    optional_fields = ("context",)
+    supports_system = True
+
+    def _conversation(self, question: str, context: str | None, system: str | None = None) -> Conversation:
+        return Conversation(system=system, turns=(), question=qa_message(question, context))
+
+    def render_conversation(self, conversation: Conversation, tokenizer=None) -> str:
+        parsed = parse_qa_request(conversation.question)
+        inner = self._conversation(parsed["question"], parsed["context"], conversation.system)
+        return PlainChatStyle().render_conversation(inner, tokenizer)
+
+    def training_pair(self, fields: dict, tokenizer=None) -> tuple[str, str]:
+        """Fields: `question`, `answer`, optional `context` (None or empty: the question alone)."""
+        _require_fields(self.name, fields, self.required_fields, self.optional_fields)
+        conversation = self._conversation(fields["question"], fields.get("context"))
+        prompt = PlainChatStyle().render_conversation(conversation, tokenizer)
+        if _has_chat_template(tokenizer):
+            return prompt, _chat_template_target(tokenizer, conversation, prompt, fields["answer"].strip())
+        return prompt, f" {fields['answer'].strip()}"
+
+    def stop_strings(self) -> list[str]:
+        return ["\nUser:"]
+
+
 STYLES: dict[str, PromptStyle] = {
     style.name: style
     for style in (
@@ -510,6 +564,7 @@ STYLES: dict[str, PromptStyle] = {
         T5QAStyle(),
         T5CodeStyle(),
         PlainChatStyle(),
+        ChatQAStyle(),
     )
 }
 

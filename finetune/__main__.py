@@ -1,10 +1,11 @@
-"""`python -m finetune`: train | eval | predict | merge | experiment.
+"""`python -m finetune`: train | eval | predict | merge | experiment | data.
 
     python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
     python -m finetune merge --adapter models/adapters/<run> [--out DIR] [--tolerance T]   # finetune.merge
     python -m finetune eval --adapter demo-python-lora [--humaneval] [--limit N]
     python -m finetune predict --adapter demo-qa-squad [--num N | --query TEXT ...] [--json]
     python -m finetune experiment --config configs/finetune/demo-qa.yaml
+    python -m finetune data stdlib-instruct [--output DIR]                              # finetune.stdlib_instruct
 
 Every config key is also a command-line option (`--lora_r 8` or `--lora-r 8`); the command line wins
 over the file. `train` also runs under `accelerate launch -m finetune train ...`.
@@ -204,7 +205,7 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, str], unknown: li
 
 
 def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
-    """Seed 004: train and evaluate a t5-qa recipe with and without context; write the table."""
+    """Seed 004: train and evaluate a question-answering recipe with and without context; write the table."""
 
     def work() -> int:
         from pathlib import Path
@@ -232,6 +233,30 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str], unknown:
         return EXIT_OK
 
     return _adapter_command(unknown, work)
+
+
+def cmd_data(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """Build a data set on this machine (no hub): `stdlib-instruct`, from the Python standard library."""
+    from pathlib import Path
+
+    from babl_core import settings
+    from finetune import stdlib_instruct
+
+    if unknown or overrides:
+        extra = unknown or [f"--{key}" for key in overrides]
+        _err(f"data {args.builder}: unknown option {extra[0]}; see `python -m finetune data --help`")
+        return EXIT_USAGE
+    if not 0 < args.eval_percent < 100:
+        _err(f"--eval-percent {args.eval_percent}: must be above 0 and below 100, e.g. 10")
+        return EXIT_USAGE
+    if args.max_lines < 2:
+        _err(f"--max-lines {args.max_lines}: must be 2 or more (a def line and a body), e.g. 25")
+        return EXIT_USAGE
+    _setup_logging()
+    output = Path(args.output) if args.output else settings.resolve_path(stdlib_instruct.DEFAULT_OUTPUT)
+    result = stdlib_instruct.build(output, eval_percent=args.eval_percent, max_lines=args.max_lines)
+    print(stdlib_instruct.describe(result))
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,9 +367,11 @@ def _add_adapter_commands(sub) -> None:
         usage="python -m finetune experiment [--config FILE] [--output DIR] [--key value ...]",
         description="Train the recipe twice, with the context passage and with the question alone (adapters "
         "<run_name>-with-context and <run_name>-without-context, replaced on each run), evaluate both on "
-        "the same held-out questions, and write a side-by-side table (exact match, F1, eval loss, train "
-        "time) with the verdict as experiment.md and experiment.json. Offline: --config "
-        "configs/finetune/demo-qa.yaml. Config keys given here apply to both arms.",
+        "the same held-out questions beside the base model asked zero-shot the same way, and write a four-row "
+        "table (both adapters, the base with and without context: exact match, F1, eval loss, train time) "
+        "with the verdict as experiment.md and experiment.json. Offline: --config "
+        "configs/finetune/smollm2-qa.yaml (the real SmolLM2) or configs/finetune/demo-qa.yaml (random "
+        "weights, seconds). Config keys given here apply to both arms.",
         allow_abbrev=False,
     )
     experiment.add_argument("--config", metavar="FILE", default="configs/finetune/qa-t5-squad.yaml",
@@ -353,6 +380,33 @@ def _add_adapter_commands(sub) -> None:
                             help="where the tables go (default: models/experiments/<run_name>-context/)")  # fmt: skip
     _add_config_options(experiment)
     experiment.set_defaults(func=cmd_experiment)
+
+
+def _add_data_command(sub) -> None:
+    from finetune import stdlib_instruct
+
+    data = sub.add_parser(
+        "data",
+        help="build a data set on this machine: stdlib-instruct (code instructions from Python's standard library)",
+        usage="python -m finetune data stdlib-instruct [--output DIR] [--eval-percent P] [--max-lines N]",
+        description="stdlib-instruct: the documented functions of this Python's standard library as rows in "
+        "python_code_instructions_18k_alpaca's columns (instruction from the docstring, input the signature, "
+        "output the function without its docstring), split by top-level package so held-out functions come "
+        "from packages never trained on. Writes train.jsonl, eval.jsonl and manifest.json (row counts, the "
+        "split, the licence: PSF). The same Python version gives the same files.",
+        allow_abbrev=False,
+    )
+    data.add_argument("builder", choices=(stdlib_instruct.NAME,), help="the data set to build")
+    data.add_argument(
+        "--output", metavar="DIR", help=f"where the files go (default: {stdlib_instruct.DEFAULT_OUTPUT})"
+    )
+    data.add_argument("--eval-percent", "--eval_percent", dest="eval_percent", type=float,
+                      default=stdlib_instruct.DEFAULT_EVAL_PERCENT, metavar="P",
+                      help="share of top-level packages held out (default: %(default)s)")  # fmt: skip
+    data.add_argument("--max-lines", "--max_lines", dest="max_lines", type=int,
+                      default=stdlib_instruct.DEFAULT_MAX_LINES, metavar="N",
+                      help="longest function kept, without its docstring (default: %(default)s)")  # fmt: skip
+    data.set_defaults(func=cmd_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_merge_parser(sub)
     _add_adapter_commands(sub)
+    _add_data_command(sub)
     return parser
 
 

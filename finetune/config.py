@@ -107,6 +107,11 @@ class DataArgs:
     )
     dataset_config: str | None = setting(None, "hub data set configuration (subset) name")
     dataset_split: str = setting("train", "split to read; train and eval are both cut from it")
+    eval_dataset: str | None = setting(
+        None,
+        "held-out rows from a file of their own (local .jsonl/.json/.csv/.parquet) instead of a share cut "
+        "by eval_fraction, e.g. the eval.jsonl of `python -m finetune data stdlib-instruct`",
+    )
     columns: dict = field(
         default_factory=dict,
         metadata=doc(
@@ -117,7 +122,9 @@ class DataArgs:
     with_context: bool = setting(
         True, "Q&A recipes only: give the context passage with the question (false: the question alone)"
     )
-    eval_fraction: float = setting(0.1, "share of the rows held out for evaluation (0: none), seeded split")
+    eval_fraction: float = setting(
+        0.1, "share of the rows held out for evaluation (0: none), seeded split; unused with eval_dataset"
+    )
     max_train_samples: int | None = setting(None, "use at most this many training rows (after the split)")
     max_eval_samples: int | None = setting(None, "use at most this many evaluation rows")
     max_length: int = setting(512, "causal: tokens of prompt + answer; seq2seq: tokens of the input")
@@ -207,6 +214,11 @@ class EvalArgs:
         False,
         "pass@k runs generated code in a bubblewrap sandbox and refuses where it cannot start; true runs it "
         "there WITHOUT one (it can then read and write your files): only for answers you trust",
+    )
+    eval_base: bool = setting(
+        True,
+        "also measure the base model (the adapter switched off) on the same rows with the same prompts, "
+        "reported beside the adapter as base_*; false halves the time",
     )
 
 
@@ -522,9 +534,10 @@ def validate(config: FinetuneConfig) -> list[str]:
             problems.append(
                 "finetuning: full is supported for seq2seq (T5) recipes only; use finetuning: lora"
             )
-    if not data.with_context and style_known and config.style_name != "t5-qa":
+    if not data.with_context and style_known and not has_context_field(config.style_name):
         problems.append(
-            f"with_context: false only applies to Q&A recipes (this run's prompt_style is {config.style_name!r})"
+            "with_context: false only applies to Q&A recipes, whose prompt styles have a context "
+            f"({', '.join(context_styles())}; this run uses {config.style_name!r})"
         )
     if style_known and model.kind in ("causal", "seq2seq"):
         seq2seq_style = config.style_name.startswith("t5-")
@@ -535,6 +548,20 @@ def validate(config: FinetuneConfig) -> list[str]:
                 "or check base and kind"
             )
     return problems
+
+
+def has_context_field(style_name: str) -> bool:
+    """Whether a prompt style reads an optional context passage (the styles seed 004's experiment uses)."""
+    from babl_core.prompts import get_style
+
+    return "context" in get_style(style_name).optional_fields
+
+
+def context_styles() -> list[str]:
+    """The names of the prompt styles with an optional context passage."""
+    from babl_core.prompts import STYLES
+
+    return [name for name, style in STYLES.items() if "context" in style.optional_fields]
 
 
 def _eval_problems(config: FinetuneConfig) -> list[str]:
@@ -650,7 +677,9 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
     if is_local_dataset(dataset):
         path = settings.resolve_path(dataset)
         if not path.exists():
-            problems.append(f"dataset: {settings.portable_path(path)} does not exist; fix the path")
+            problems.append(
+                f"dataset: {settings.portable_path(path)} does not exist; {_missing_file_fix(path)}"
+            )
         elif path.is_file() and path.suffix.lower() not in LOCAL_DATA_SUFFIXES:
             problems.append(f"dataset: {path.name} is not .jsonl, .json, .csv or .parquet; convert it")
         if config.data.dataset_split != "train" or config.data.dataset_config:
@@ -663,6 +692,17 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
             f"dataset: {dataset!r} is a hub data set, but the hub is offline and it is not cached; use a local "
             f"file instead, e.g. {_offline_sample(config.run.task)}"
         )
+    if config.data.eval_dataset:
+        path = settings.resolve_path(config.data.eval_dataset)
+        if not is_local_dataset(config.data.eval_dataset):
+            problems.append(
+                f"eval_dataset: {config.data.eval_dataset!r} is not a local .jsonl/.json/.csv/.parquet file; "
+                "name one, or remove the key to cut held-out rows by eval_fraction"
+            )
+        elif not path.exists():
+            problems.append(
+                f"eval_dataset: {settings.portable_path(path)} does not exist; {_missing_file_fix(path)}"
+            )
     if for_training:
         problems.extend(launch_problems(config))
         problems.extend(output_problems(config))
@@ -693,6 +733,15 @@ def _offline_twin(task: str | None) -> str:
     if task and twin.is_file():
         return f"its offline twin: python -m finetune train --config configs/finetune/{twin.name}"
     return "an offline twin (configs/finetune/demo-*.yaml)"
+
+
+def _missing_file_fix(path: Path) -> str:
+    """How to get a missing data file: the builder that writes it, else fix the path."""
+    from finetune.stdlib_instruct import DEFAULT_OUTPUT
+
+    if path.resolve().parent == settings.resolve_path(DEFAULT_OUTPUT).resolve():
+        return "build it first (a minute, no downloads): python -m finetune data stdlib-instruct"
+    return "fix the path"
 
 
 def launch_problems(config: FinetuneConfig) -> list[str]:

@@ -34,15 +34,19 @@ class DataError(ValueError):
 # Rows
 
 
-def load_rows(data: DataArgs):
+def load_rows(data: DataArgs, *, name: str | None = None):
     """The raw rows as a `datasets.Dataset`: a local file by its suffix, else a hub data set by name.
+
+    Args:
+        data: the data settings.
+        name: another file to read with the same settings (the `eval_dataset`); default `data.dataset`.
 
     Raises:
         DataError: the file cannot be parsed, or the hub data set cannot be loaded (the message says why).
     """
     import datasets
 
-    name = data.dataset
+    name = name or data.dataset
     if is_local_dataset(name):
         path = settings.resolve_path(name)
         builder = LOCAL_DATA_SUFFIXES.get(path.suffix.lower())
@@ -150,10 +154,17 @@ def example_fields(row: dict, columns: dict[str, str], *, with_context: bool = T
 
 
 def split_rows(
-    dataset, *, eval_fraction: float, seed: int, max_train: int | None = None, max_eval: int | None = None
-):
-    """Seeded train/eval split of the raw rows; returns (train, eval or None)."""
-    if eval_fraction > 0 and len(dataset) >= 2:
+    dataset, *, eval_fraction: float, seed: int, max_train: int | None = None, max_eval: int | None = None,
+    eval_dataset=None,
+):  # fmt: skip
+    """Seeded train/eval split of the raw rows; returns (train, eval or None).
+
+    With `eval_dataset` (rows held out by their own file, e.g. by module) nothing is cut from `dataset`:
+    both are shuffled by `seed`, so `max_train`/`max_eval` take a seeded sample of each.
+    """
+    if eval_dataset is not None:
+        train, evaluation = dataset.shuffle(seed=seed), eval_dataset.shuffle(seed=seed)
+    elif eval_fraction > 0 and len(dataset) >= 2:
         parts = dataset.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
     else:
@@ -321,11 +332,23 @@ def load_split(config: FinetuneConfig) -> SplitRows:
             f"dataset {data.dataset}: it has no rows (only a header, or nothing); add examples to it"
         )
     columns = resolve_columns(style, list(raw.column_names), data.columns, source=data.dataset)
+    held_out = None
+    if data.eval_dataset:
+        held_out = load_rows(data, name=data.eval_dataset)
+        eval_columns = resolve_columns(
+            style, list(held_out.column_names), data.columns, source=data.eval_dataset
+        )
+        if eval_columns != columns:
+            raise DataError(
+                f"eval_dataset {data.eval_dataset}: its columns map to the prompt style's fields differently "
+                f"({eval_columns}) than the dataset's ({columns}); give both files the same columns"
+            )
     train_rows, eval_rows = split_rows(
         raw, eval_fraction=data.eval_fraction, seed=config.train.seed,
-        max_train=data.max_train_samples, max_eval=data.max_eval_samples,
+        max_train=data.max_train_samples, max_eval=data.max_eval_samples, eval_dataset=held_out,
     )  # fmt: skip
-    return SplitRows(train_rows, eval_rows, style, columns, len(raw), list(raw.column_names))
+    total = len(raw) + (len(held_out) if held_out is not None else 0)
+    return SplitRows(train_rows, eval_rows, style, columns, total, list(raw.column_names))
 
 
 def encode_rows(
@@ -457,7 +480,11 @@ def describe_preview(
         f"  base {config.model.base} ({kind}), prompt style {prepared.style.name}, data {data.dataset}",
         f"  columns: {', '.join(f'{k} <- {v}' for k, v in prepared.columns.items())}",
         f"  rows: {prepared.total_rows} -> {len(train.rows)} train, {eval_count} eval "
-        f"(eval_fraction {data.eval_fraction}, seed {config.train.seed})",
+        + (
+            f"(held out by {data.eval_dataset}, seed {config.train.seed})"
+            if data.eval_dataset
+            else f"(eval_fraction {data.eval_fraction}, seed {config.train.seed})"
+        ),
     ]
     if train.dropped:
         lines.append(f"  left out of training: {_describe_dropped(train.dropped)}")

@@ -15,9 +15,15 @@ ROUGE-1/2/L; python and code → pass@k, each answer's code run against the prob
 sandbox (rows with a `test_list` column, MBPP-style, or HumanEval with `eval_set: humaneval`); html →
 the fraction of answers that are valid HTML5 documents; chat → loss only.
 
-Results go to `<adapter>/eval.json` (`eval-humaneval.json` for HumanEval), into `babl.json`'s
-`metrics["eval"][<eval set>]` (rewritten atomically, so the app never reads half a file), and to the
-terminal as a table.
+Beside the adapter, the base model is measured the same way (`eval_base`, on by default): the same
+loaded weights with the adapter switched off (`LoadedModel.with_adapter(None)`), the same rows, prompts,
+generation settings and scoring, so "base" and "adapter" differ only by what training changed.
+
+Results go to `<adapter>/eval.json` (`eval-humaneval.json` for HumanEval; `base_metrics` and each
+example's `base_answers` beside the adapter's), into `babl.json`'s `metrics["eval"][<eval set>]` (each
+metric with `base_<name>` beside it) and its flat headline keys (`pass_at_1`/`base_pass_at_1`, …; see
+`EvalReport.headline`), rewritten atomically so the app never reads half a file, and to the terminal as
+a table with a base, an adapter and a change column.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -356,8 +363,15 @@ def completion_for(problem: dict, code: str) -> str:
     continues the prompt, as a function body. MBPP-style rows: the code is the whole solution.
     """
     if "entry_point" in problem:
-        whole = re.search(rf"^def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE)
-        return "\n" + code if whole else code
+        defines = rf"^def\s+{re.escape(problem['entry_point'])}\s*\("
+        if re.search(defines, code, re.MULTILINE):
+            return "\n" + code
+        # A whole function indented as a block (seed 002's format indents the response by four spaces,
+        # and models often keep that inside a code fence) is still the whole function.
+        dedented = textwrap.dedent(code)
+        if dedented != code and re.match(defines, dedented.lstrip("\n")):
+            return "\n" + dedented
+        return code
     return code
 
 
@@ -509,18 +523,44 @@ class EvalReport:
     examples: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     evaluated_at: str = ""
+    base_metrics: dict | None = None
+    """The same metrics for the base model (adapter off, same rows and prompts); None when not measured."""
 
     def to_dict(self) -> dict:
         return {
             "id": self.id, "task": self.task, "eval_set": self.eval_set, "model": self.model,
-            "metrics": self.metrics, "counts": self.counts, "generation": self.generation,
-            "notes": self.notes, "seconds": self.seconds, "evaluated_at": self.evaluated_at,
-            "examples": self.examples,
+            "metrics": self.metrics, "base_metrics": self.base_metrics, "counts": self.counts,
+            "generation": self.generation, "notes": self.notes, "seconds": self.seconds,
+            "evaluated_at": self.evaluated_at, "examples": self.examples,
         }  # fmt: skip
 
     def summary(self) -> dict:
-        """What babl.json records: the metrics, the counts and when."""
-        return {**self.metrics, **self.counts, "evaluated_at": self.evaluated_at}
+        """What babl.json records under metrics.eval.<set>: the metrics, each base metric beside its
+        adapter metric as `base_<name>`, the counts and when."""
+        base = {f"base_{key}": value for key, value in (self.base_metrics or {}).items()}
+        return {**self.metrics, **base, **self.counts, "evaluated_at": self.evaluated_at}
+
+    def headline(self) -> dict:
+        """The flat keys babl.json's metrics carry for model cards and the app: the task metric beside
+        its base value (`pass_at_1` / `base_pass_at_1`, `html_valid_fraction`, `exact_match`, `f1`,
+        `rouge1`/`rouge2`/`rougeL`), and where they were measured."""
+        out: dict = {}
+        for key, value in self.metrics.items():
+            if key in ("loss", "perplexity", "network_guard"):
+                continue
+            name = metric_key(key)
+            out[name] = value
+            if self.base_metrics is not None:
+                out[f"base_{name}"] = self.base_metrics.get(key)
+        if out:
+            out["task_metric_eval_set"] = self.eval_set
+            out["task_metric_examples"] = self.counts["answered"]
+        return out
+
+
+def metric_key(name: str) -> str:
+    """A metric's name as a flat babl.json key: `pass@1` -> `pass_at_1`; others unchanged."""
+    return name.replace("@", "_at_")
 
 
 def load_target_model(target: EvalTarget):
@@ -531,14 +571,21 @@ def load_target_model(target: EvalTarget):
 
 
 def run_eval(
-    target: EvalTarget, *, loaded=None, answer_fn: AnswerFn | None = None, timeout_s: float = CODE_TIMEOUT_S
-) -> EvalReport:
-    """Loss, perplexity and the task metric of `target` (see the module docstring).
+    target: EvalTarget, *, loaded=None, answer_fn: AnswerFn | None = None,
+    base_answer_fn: AnswerFn | None = None, timeout_s: float = CODE_TIMEOUT_S,
+) -> EvalReport:  # fmt: skip
+    """Loss, perplexity and the task metric of `target`, and of its base beside it (see the module
+    docstring).
+
+    With `eval_base` (the default) the base model is measured too: the same weights with the adapter
+    switched off, on the same rows, with the same prompts, generation settings and scoring, so the two
+    columns differ only by what training changed.
 
     Args:
         target: from `resolve_target`.
         loaded: the model already loaded (else loaded here and released at the end).
         answer_fn: replaces the model's answers (tests feed known solutions through the same scoring).
+        base_answer_fn: replaces the base model's answers likewise.
         timeout_s: per program, for code tasks.
 
     Raises:
@@ -571,15 +618,23 @@ def run_eval(
             raise EvalError(str(exc)) from None
     own_model = loaded is None
     loaded = loaded or load_target_model(target)
+    no_loss = {"loss": None, "perplexity": None, "loss_examples": 0, "loss_tokens": 0}
     try:
         description = loaded.describe()
         log.info("evaluating %s: %s", target.name, description)
         notes: list[str] = []
-        loss = (
-            eval_loss(loaded, rows, config, style=split.style, columns=split.columns)
-            if rows
-            else {"loss": None, "perplexity": None, "loss_examples": 0, "loss_tokens": 0}
-        )
+        # The base is the same weights with the adapter switched off: same rows, prompts and settings.
+        base_view = loaded.with_adapter(None) if evaluation.eval_base and loaded.is_peft else None
+        if evaluation.eval_base and base_view is None:
+            notes.append("no base comparison: this model carries no adapter to switch off (a full fine-tune)")
+        loss = eval_loss(loaded, rows, config, style=split.style, columns=split.columns) if rows else no_loss
+        base_loss = None
+        if base_view is not None:
+            base_loss = (
+                eval_loss(base_view, rows, config, style=split.style, columns=split.columns)
+                if rows
+                else no_loss
+            )
         if not rows:
             notes.append("no loss: the run held out no rows")
         if evaluation.eval_set == "humaneval":
@@ -614,21 +669,41 @@ def run_eval(
             else ({}, [], [])
         )
         notes += score_notes
+        base_metrics, base_answers, base_per_example = None, [None] * len(fitting), [None] * len(fitting)
+        if base_view is not None:
+            base_answers = generate_answers(
+                fitting, base_answer_fn or model_answer_fn(base_view), params, samples=samples,
+                seed=evaluation.eval_seed, desc="base answering",
+            )  # fmt: skip
+            base_task_metrics, base_per_example, _ = (
+                score_answers(config.run.task, fitting, base_answers, timeout_s=timeout_s)
+                if fitting
+                else ({}, [], [])
+            )
+            base_task_metrics.pop("network_guard", None)
+            base_metrics = {
+                "loss": base_loss["loss"],
+                "perplexity": base_loss["perplexity"],
+                **base_task_metrics,
+            }
     finally:
         if own_model:
             release(loaded)
     described = []
-    for example, example_answers, scores in zip(fitting, answers, per_example, strict=True):
-        described.append(
-            {
-                "id": example.id,
-                "input": example.fields,
-                "prompt": example.prompt,
-                "reference": example.reference,
-                "answers": example_answers,
-                "scores": scores,
-            }
-        )
+    for example, example_answers, scores, base_example_answers, base_scores in zip(
+        fitting, answers, per_example, base_answers, base_per_example, strict=True
+    ):
+        entry = {
+            "id": example.id,
+            "input": example.fields,
+            "prompt": example.prompt,
+            "reference": example.reference,
+            "answers": example_answers,
+            "scores": scores,
+        }
+        if base_metrics is not None:
+            entry |= {"base_answers": base_example_answers, "base_scores": base_scores}
+        described.append(entry)
     metrics = {"loss": loss["loss"], "perplexity": loss["perplexity"], **task_metrics}
     counts = {
         "loss_examples": loss["loss_examples"],
@@ -644,6 +719,7 @@ def run_eval(
         eval_set=evaluation.eval_set,
         model=description,
         metrics={k: _rounded(v) for k, v in metrics.items()},
+        base_metrics={k: _rounded(v) for k, v in base_metrics.items()} if base_metrics is not None else None,
         counts=counts,
         generation={
             "max_new_tokens": params.max_new_tokens,
@@ -701,7 +777,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
     evals = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
-    meta["metrics"] = {**metrics, "eval": {**evals, report.eval_set: report.summary()}}
+    meta["metrics"] = {**metrics, **report.headline(), "eval": {**evals, report.eval_set: report.summary()}}
     write_json_atomic(meta_path, meta)
     refresh_model_card(target.path)  # the card shows what babl.json now holds
     return out
@@ -735,14 +811,30 @@ def format_table(report: EvalReport) -> str:
         if report.eval_set == "humaneval"
         else held_out
     )
-    rows = [
-        (METRIC_LABELS.get(key, key), _format_value(value))
-        for key, value in report.metrics.items()
-        if key != "sandbox"
-    ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{report.id} · {report.task} · {where}", f"{'metric':<{width}}  value"]
-    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    keys = [key for key in report.metrics if key != "sandbox"]
+    lines = [f"{report.id} · {report.task} · {where}"]
+    if report.base_metrics is None:
+        rows = [(METRIC_LABELS.get(key, key), _format_value(report.metrics[key])) for key in keys]
+        width = max(len(name) for name, _ in rows)
+        lines.append(f"{'metric':<{width}}  value")
+        lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    else:
+        table = [("metric", "base", "adapter", "change")]
+        for key in keys:
+            adapter, base = report.metrics[key], report.base_metrics.get(key)
+            change = (
+                f"{adapter - base:+.4f}"
+                if isinstance(adapter, (int, float)) and isinstance(base, (int, float))
+                and math.isfinite(adapter) and math.isfinite(base)
+                else "—"
+            )  # fmt: skip
+            table.append((METRIC_LABELS.get(key, key), _format_value(base), _format_value(adapter), change))
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            lines.append(
+                f"{row[0]:<{widths[0]}}  "
+                + "  ".join(f"{cell:>{widths[i]}}" for i, cell in enumerate(row[1:], 1))
+            )
     generation = report.generation
     sampling = "greedy" if generation["temperature"] == 0 else f"temperature {generation['temperature']:g}"
     lines.append(

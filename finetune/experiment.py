@@ -1,10 +1,13 @@
-"""Seed 004's experiment: does giving T5 the context passage with the question help it answer?
+"""Seed 004's experiment: does giving the model the context passage with the question help it answer?
 
-Two arms train from one recipe (`qa-t5-squad`, or its offline twin `demo-qa`) with the same rows, seed
-and settings; only `with_context` differs ("question: … context: …" against "question: …"). Both are
-then evaluated by `finetune.evaluation` on the same held-out questions, and the answer is written as a
-side-by-side table (exact match, F1, eval loss, perplexity, train time) in Markdown and JSON, with one
-sentence saying which arm won and by how much.
+Two arms train from one question-answering recipe (`qa-t5-squad` on T5, its offline twin `demo-qa`, or
+`smollm2-qa` on the real SmolLM2 with the causal `chat-qa` style) with the same rows, seed and settings;
+only `with_context` differs (the question with its context passage, against the question alone). Both
+are then evaluated by `finetune.evaluation` on the same held-out questions, each beside its base model
+asked zero-shot in the same prompt style, so the table has four rows: the adapter trained with context,
+the one trained without, and the base with and without context. It is written in Markdown and JSON
+(exact match, F1, eval loss, perplexity, train time), with one sentence saying which arm won and by
+how much.
 
 The arms are saved as their own adapters, `<run_name>-with-context` and `<run_name>-without-context`
 (replaced when the experiment runs again), so the recipe's own adapter is never touched.
@@ -20,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from babl_core import settings
-from finetune.config import FinetuneConfig, load_config
+from finetune.config import FinetuneConfig, context_styles, has_context_field, load_config
 
 log = logging.getLogger("finetune")
 
@@ -46,7 +49,9 @@ class ArmResult:
     adapter: str
     """Where its adapter is, as a portable path."""
     metrics: dict
-    """exact_match, f1, eval_loss, perplexity, train_seconds, train_loss, steps."""
+    """exact_match, f1, eval_loss, perplexity, train_seconds, train_loss, steps; and the base model's
+    zero-shot numbers in the same prompt style: base_exact_match, base_f1, base_eval_loss,
+    base_perplexity (None when the base was not measured)."""
 
 
 @dataclass
@@ -76,10 +81,11 @@ def arm_configs(config_path: str | Path, overrides: dict | None = None) -> list[
             f"--{clash[0]}: the experiment sets {', '.join(ARM_KEYS)} itself for each arm; remove it"
         )
     base = load_config(config_path, overrides, check_environment=False)
-    if base.style_name != "t5-qa":
+    if not has_context_field(base.style_name):
         raise ExperimentError(
             f"{base.source}: the experiment compares answering with and without a context passage, so it "
-            f"needs a Q&A recipe (this one's prompt_style is {base.style_name!r}); e.g. {DEFAULT_CONFIG}"
+            f"needs a Q&A recipe ({' or '.join(context_styles())} style; this one uses "
+            f"{base.style_name!r}); e.g. {DEFAULT_CONFIG}, or configs/finetune/smollm2-qa.yaml offline"
         )
     configs = []
     for suffix, with_context, _label in ARMS:
@@ -101,7 +107,7 @@ def run_experiment(
     """Train and evaluate both arms, then write `experiment.md` and `experiment.json`.
 
     Args:
-        config_path: a t5-qa recipe (qa-t5-squad, or demo-qa offline).
+        config_path: a question-answering recipe (qa-t5-squad; offline demo-qa or smollm2-qa).
         overrides: config keys from the command line, applied to both arms alike.
         output_dir: where the tables go (default models/experiments/<run_name>-context/).
         on_evaluated: called with each arm's `EvalReport` as soon as it is evaluated (the CLI prints it).
@@ -127,6 +133,7 @@ def run_experiment(
         if on_evaluated is not None:
             on_evaluated(report)
         questions = report.counts["answered"]
+        base = report.base_metrics or {}
         arms.append(
             ArmResult(
                 name=label,
@@ -141,6 +148,10 @@ def run_experiment(
                     "train_seconds": trained.metrics.get("train_seconds"),
                     "train_loss": trained.metrics.get("train_loss"),
                     "steps": trained.metrics.get("steps"),
+                    "base_exact_match": base.get("exact_match"),
+                    "base_f1": base.get("f1"),
+                    "base_eval_loss": base.get("loss"),
+                    "base_perplexity": base.get("perplexity"),
                 },
             )
         )
@@ -158,6 +169,7 @@ def run_experiment(
             "overrides": {k: str(v) for k, v in (overrides or {}).items()},
             "questions": questions,
             "arms": [arm.__dict__ for arm in arms],
+            "rows": table_rows(arms),
             "verdict": verdict,
             "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
@@ -220,7 +232,7 @@ def _difference(a, b, digits: int = 3) -> str:
     return f"{a - b:+.{digits}f}"
 
 
-ROWS = (
+COLUMNS = (
     ("exact match", "exact_match", 3),
     ("F1", "f1", 3),
     ("eval loss", "eval_loss", 3),
@@ -229,25 +241,54 @@ ROWS = (
 )
 
 
+def table_rows(arms: list[ArmResult]) -> list[dict]:
+    """The four rows of the table, each made of one arm's numbers: the two trained adapters, then the
+    base model zero-shot with and without context (the `base_*` numbers of the arm with that setting)."""
+    rows = []
+    for arm in arms:
+        rows.append(
+            {
+                "model": f"adapter trained {arm.name}",
+                "context": arm.with_context,
+                **{key: arm.metrics.get(key) for _label, key, _digits in COLUMNS},
+            }
+        )
+    for arm in arms:
+        rows.append(
+            {
+                "model": f"base, zero-shot, {arm.name}",
+                "context": arm.with_context,
+                **{key: arm.metrics.get(f"base_{key}") for _label, key, _digits in COLUMNS},
+                "train_seconds": None,
+            }
+        )
+    return rows
+
+
 def to_markdown(recipe: str, arms: list[ArmResult], verdict: str, *, questions: int) -> str:
-    """The experiment's answer: a side-by-side table and the verdict, as Markdown."""
+    """The experiment's answer: a four-row table (both adapters, the base with and without context) and
+    the verdict, as Markdown."""
     with_arm, without_arm = arms
     lines = [
         "# Does the context passage help the Q&A model?",
         "",
-        f"`{recipe}` trained twice on the same rows, seed and settings — once with the context passage "
-        '("question: … context: …"), once with the question alone — and both evaluated on the same '
-        f"{questions} held-out questions.",
+        f"`{recipe}` trained twice on the same rows, seed and settings — once with the context passage, "
+        "once with the question alone — and both evaluated on the same "
+        f"{questions} held-out questions, beside the base model asked the same way without training.",
         "",
-        "| | with context | without context | difference |",
-        "|---|---:|---:|---:|",
+        "| model | " + " | ".join(label for label, _key, _digits in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
     ]
-    for label, key, digits in ROWS:
-        a, b = with_arm.metrics.get(key), without_arm.metrics.get(key)
-        lines.append(f"| {label} | {_cell(a, digits)} | {_cell(b, digits)} | {_difference(a, b, digits)} |")
+    for row in table_rows(arms):
+        cells = [_cell(row[key], digits) for _label, key, digits in COLUMNS]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    a, b = with_arm.metrics.get("f1"), without_arm.metrics.get("f1")
     lines += [
         "",
         f"**Answer:** {verdict}",
+        "",
+        f"F1 with context minus without: adapters {_difference(a, b)}, base "
+        f"{_difference(with_arm.metrics.get('base_f1'), without_arm.metrics.get('base_f1'))}.",
         "",
         f"Adapters: `{with_arm.adapter}` and `{without_arm.adapter}` (each has its eval.json).",
         "",

@@ -152,6 +152,32 @@ def final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
+def base_evaluation(trainer) -> dict:
+    """The eval metrics of the base model before any training: the same held-out rows, prompt style,
+    batches and loss as the final evaluation, so `base_eval_loss` and `eval_loss` compare like for like.
+
+    The adapter is switched off for the pass (a fresh LoRA adds exactly zero anyway, and a full fine-tune
+    has not changed a weight yet). Returns {} without an eval set. The pass is kept out of the trainer's
+    history, which (like the loss curve, the checkpoints and a resumed run) starts at step 1.
+    """
+    from contextlib import nullcontext
+
+    if trainer.eval_dataset is None:
+        return {}
+    model = trainer.model
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with off:
+        metrics = trainer.evaluate()
+    history = trainer.state.log_history
+    if history and "eval_loss" in history[-1] and history[-1].get("step", 0) == 0:
+        history.pop()
+    log.info(
+        "base model on the %d held-out rows, before training: eval loss %.4f",
+        len(trainer.eval_dataset), metrics["eval_loss"],
+    )  # fmt: skip
+    return metrics
+
+
 PROGRESS_FILE = "babl_progress.json"  # in each checkpoint: the run's seconds up to that save
 
 
@@ -256,11 +282,17 @@ def train_and_evaluate(
 
 
 def run_metrics(trainer, result, final_eval: dict, data, *, trainable: int, total: int, device: str,
-                started: float, **recipe_fields) -> dict:  # fmt: skip
-    """The metrics `babl.json` records for a run; `recipe_fields` (a recipe's own) go before the device."""
+                started: float, base_eval: dict | None = None, **recipe_fields) -> dict:  # fmt: skip
+    """The metrics `babl.json` records for a run; `recipe_fields` (a recipe's own) go before the device.
+
+    `base_eval_loss` (from `base_evaluation`) stands beside `eval_loss`: the base model and the trained
+    one on the same held-out rows.
+    """
+    base_eval = base_eval or {}
     return {
         "train_loss": round(result.training_loss, 6),
         "eval_loss": round(final_eval["eval_loss"], 6) if "eval_loss" in final_eval else None,
+        "base_eval_loss": round(base_eval["eval_loss"], 6) if "eval_loss" in base_eval else None,
         "steps": result.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "train_examples": len(data.train.rows),

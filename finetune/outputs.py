@@ -330,6 +330,11 @@ def final_report(config: FinetuneConfig, result) -> str:
             f"on {count(m['eval_examples'], 'held-out row')}"
         )
     lines = [f"trained {config.run.run_name}: {figures}"]
+    if m.get("eval_loss") is not None and m.get("base_eval_loss") is not None:
+        lines.append(
+            f"held-out loss per answer token on {count(m['eval_examples'], 'row')}: base "
+            f"{m['base_eval_loss']:.4f} -> trained {m['eval_loss']:.4f} ({m['eval_loss'] - m['base_eval_loss']:+.4f})"
+        )
     rows = [("folder", shown)]
     if (where / PLOT_FILE).is_file():
         rows.append(("loss curve", f"{shown}/{PLOT_FILE}"))

@@ -31,9 +31,13 @@ REAL_TO_TWIN = {
 }
 
 
+# Recipes on the real SmolLM2 that need no hub: offline already, so they have no twin.
+SMOLLM2 = {"smollm2-python": "smollm2-python", "smollm2-html": "smollm2-html", "smollm2-qa": "smollm2-chat"}
+
+
 def test_every_recipe_has_an_offline_twin():
     names = {path.stem for path in CONFIGS}
-    assert set(REAL_TO_TWIN) | set(REAL_TO_TWIN.values()) == names
+    assert set(REAL_TO_TWIN) | set(REAL_TO_TWIN.values()) | set(SMOLLM2) == names
     for real, twin in REAL_TO_TWIN.items():
         a, b = load(CONFIG_DIR / f"{real}.yaml"), load(CONFIG_DIR / f"{twin}.yaml")
         # Same recipe code, prompt style, task and data columns; only size and speed differ.
@@ -66,6 +70,21 @@ def test_real_causal_recipes_train_the_catalog_bases():
     bases = {spec.id: spec.base for spec in Catalog.load().entries}
     assert load(CONFIG_DIR / "html-codellama-qlora.yaml").model.base == bases["html-codellama"]
     assert load(CONFIG_DIR / "python-codegen-lora.yaml").model.base == bases["python-codegen"]
+
+
+@pytest.mark.parametrize("recipe", sorted(SMOLLM2))
+def test_smollm2_recipes_train_the_catalog_base_and_give_their_measured_time(recipe):
+    """Each trains the very base the catalog's smollm2 entries serve (same base + GGUF file: one copy in
+    memory serves base and adapter), and its header gives the command and the time measured."""
+    from babl_core.catalog import Catalog
+
+    config = load(CONFIG_DIR / f"{recipe}.yaml")
+    entry = Catalog.load().get(SMOLLM2[recipe])
+    assert (config.model.base, config.model.gguf_file) == (entry.base, entry.gguf_file)
+    assert (config.model.quantization, config.model.dtype) == (entry.quantization, entry.dtype)
+    assert config.eval.eval_base is True
+    header = (CONFIG_DIR / f"{recipe}.yaml").read_text().split("\n# ---", 1)[0]
+    assert f"--config configs/finetune/{recipe}.yaml" in header and "Measured" in header
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -63,8 +63,11 @@ def trained(session_models_dir, tmp_path_factory):
 
 
 def target_for(run: str, **overrides):
+    """The run's eval target; the base comparison is off unless asked for (these tests feed the adapter's
+    answers, and the base's would only cost time)."""
     from finetune.evaluation import resolve_target
 
+    overrides = {"eval_base": False, **overrides}
     return resolve_target(adapter=run, overrides={k: str(v) for k, v in overrides.items()})
 
 
@@ -166,6 +169,63 @@ def test_qa_loss_is_the_training_loss_and_known_answers_score_by_hand(trained):
     write_results(target, report)
 
 
+def test_base_is_measured_beside_the_adapter_on_the_same_rows_and_prompts(trained, capsys):
+    """The base column: the same rows and prompts with the adapter switched off. Its loss is the loss the
+    trainer measured before the first step (base_eval_loss), its answers are scored like the adapter's,
+    and babl.json carries both side by side."""
+    from finetune.evaluation import format_table, run_eval, write_results
+
+    target = target_for("demo-qa-squad", eval_base=True)
+    asked = {"adapter": [], "base": []}
+
+    def answer_as(who, text):
+        def answer(example, params):
+            asked[who].append(example.prompt)
+            return text(example)
+
+        return answer
+
+    report = run_eval(
+        target,
+        answer_fn=answer_as("adapter", lambda ex: ex.reference[0]),  # all right
+        base_answer_fn=answer_as("base", lambda ex: "zebra"),  # all wrong
+    )
+    assert asked["adapter"] == asked["base"] and len(asked["base"]) == 6
+    assert report.metrics["exact_match"] == 1.0 and report.base_metrics["exact_match"] == 0.0
+    assert report.base_metrics["f1"] == 0.0
+    trained_metrics = read_json(target.path / "babl.json")["metrics"]
+    # The base loss is the trainer's step-0 loss on the same rows; the adapter's its final one.
+    assert report.base_metrics["loss"] == pytest.approx(trained_metrics["base_eval_loss"], abs=1e-4)
+    assert report.metrics["loss"] == pytest.approx(trained_metrics["eval_loss"], abs=1e-4)
+    assert report.base_metrics["loss"] != pytest.approx(report.metrics["loss"], abs=1e-4)  # training moved it
+    assert all(
+        e["base_answers"] == ["zebra"] and e["base_scores"]["exact_match"] == 0.0 for e in report.examples
+    )
+
+    table = format_table(report)
+    assert "base" in table.splitlines()[1] and "adapter" in table.splitlines()[1]
+    assert any(
+        line.startswith("exact match") and "0.0000" in line and "+1.0000" in line
+        for line in table.splitlines()
+    )
+
+    write_results(target, report)
+    metrics = read_json(target.path / "babl.json")["metrics"]
+    assert (metrics["exact_match"], metrics["base_exact_match"]) == (1.0, 0.0)
+    assert (metrics["f1"], metrics["base_f1"]) == (report.metrics["f1"], 0.0)
+    assert metrics["task_metric_eval_set"] == "split" and metrics["task_metric_examples"] == 6
+    assert metrics["eval"]["split"]["base_loss"] == report.base_metrics["loss"]
+    assert read_json(target.path / "eval.json")["base_metrics"] == report.base_metrics
+
+
+def test_a_full_fine_tune_has_no_base_to_switch_to(trained):
+    from finetune.evaluation import run_eval
+
+    report = run_eval(target_for("demo-qa-full", eval_base=True, eval_limit=2), answer_fn=lambda ex, p: "x")
+    assert report.base_metrics is None
+    assert any("no base comparison" in note for note in report.notes)
+
+
 @pytest.mark.parametrize("run", ["demo-python-lora", "demo-email-lora", "demo-code-mbpp"])
 def test_loss_is_the_trainers_eval_loss(trained, run):
     """Same held-out rows, cut and masked as training did, a mean over answer tokens, scored by the
@@ -207,6 +267,22 @@ def humaneval_answer(example, *, whole: bool) -> str:
     if whole:  # the whole function in a fence, as an instruction model answers
         return f"Sure:\n```python\n{problem['prompt'].lstrip()}{problem['canonical_solution']}```\n"
     return problem["canonical_solution"]  # a body that continues the prompt
+
+
+def test_a_whole_function_indented_as_a_block_counts_as_the_whole_function():
+    """Seed 002's format indents the response by four spaces; an answer that keeps that indentation for
+    a whole function (often inside a code fence) must not be read as a function body."""
+    from finetune.evaluation import code_from_answer, completion_for
+
+    problem = {"entry_point": "add", "prompt": 'def add(a, b):\n    """Add."""\n'}
+    fenced = " ```\n    def add(a, b):\n        return a + b\n    ```\n"
+    assert completion_for(problem, code_from_answer(fenced)) == "\ndef add(a, b):\n    return a + b\n"
+    body = "    return a + b\n"  # a body continues the prompt, indentation kept
+    assert completion_for(problem, code_from_answer(body)) == body
+    program = problem["prompt"] + completion_for(problem, code_from_answer(fenced))
+    namespace: dict = {}
+    exec(compile(program, "answer", "exec"), namespace)
+    assert namespace["add"](2, 3) == 5
 
 
 def test_humaneval_canonical_solutions_score_one_and_wrong_ones_zero(trained):

@@ -36,11 +36,14 @@ def test_experiment_end_to_end_on_demo_qa(models_dir, tmp_path, capsys, one_torc
     assert code == EXIT_OK
     printed = capsys.readouterr().out
 
-    # The table is printed and written as Markdown, with the verdict sentence under it.
+    # The table is printed and written as Markdown, with the verdict sentence under it: four rows, both
+    # adapters and the base asked zero-shot with and without context.
     markdown = (out / "experiment.md").read_text(encoding="utf-8")
-    assert "| | with context | without context | difference |" in printed
-    for row in ("| exact match |", "| F1 |", "| eval loss |", "| train time (s) |"):
-        assert row in printed and row in markdown
+    header = "| model | exact match | F1 | eval loss | perplexity | train time (s) |"
+    assert header in printed and header in markdown
+    for row in ("trained with context", "trained without context", "zero-shot, with context",
+                "zero-shot, without context"):  # fmt: skip
+        assert f"| {'adapter' if row.startswith('trained') else 'base,'} {row} |" in markdown
     result = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
     verdict = result["verdict"]
     assert f"**Answer:** {verdict}" in markdown and verdict in printed
@@ -74,9 +77,8 @@ def test_experiment_end_to_end_on_demo_qa(models_dir, tmp_path, capsys, one_torc
     assert questions[0] == questions[1]
     assert with_arm["run_name"] == "demo-qa-squad-with-context"
     assert not (models_dir / "adapters" / "demo-qa-squad").exists()  # the recipe's own adapter is untouched
-    # The table shows these numbers, and the verdict agrees with them.
-    a, b = with_arm["metrics"]["eval_loss"], without_arm["metrics"]["eval_loss"]
-    assert f"| eval loss | {a:.3f} | {b:.3f} | {a - b:+.3f} |" in markdown
+    # The table is made of the arms' own numbers (each row from one eval.json), and the verdict agrees.
+    assert_table_is_made_of_the_arms(markdown, result, models_dir)
     assert verdict == decide(with_arm["metrics"], without_arm["metrics"], questions=6)
 
     # The plot beside experiment.md, linked from it and named in the printed list of files.
@@ -84,6 +86,26 @@ def test_experiment_end_to_end_on_demo_qa(models_dir, tmp_path, capsys, one_torc
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert "](experiment.png)" in markdown
     assert "experiment.png" in printed.split("written:")[-1]
+
+
+def assert_table_is_made_of_the_arms(markdown: str, result: dict, models_dir: Path) -> None:
+    """Each of the four rows holds the numbers its arm's eval.json reports (adapter or base)."""
+    rows = [line for line in markdown.splitlines() if line.startswith(("| adapter", "| base"))]
+    assert len(rows) == 4 and result["rows"][0]["model"] == "adapter trained with context"
+
+    def cell(value, digits):
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    for line, row in zip(rows, result["rows"], strict=True):
+        arm = next(a for a in result["arms"] if a["with_context"] is row["context"])
+        report = json.loads((models_dir / "adapters" / arm["run_name"] / "eval.json").read_text())
+        source = report["base_metrics"] if row["model"].startswith("base") else report["metrics"]
+        expected = [
+            cell(source["exact_match"], 3), cell(source["f1"], 3), cell(source["loss"], 3),
+            cell(source["perplexity"], 2),
+            cell(arm["metrics"]["train_seconds"], 1) if row["model"].startswith("adapter") else "—",
+        ]  # fmt: skip
+        assert line == f"| {row['model']} | " + " | ".join(expected) + " |"
 
 
 def test_verdict_names_the_winner_and_the_margin():

@@ -306,6 +306,45 @@ def test_plain_chat_uses_the_chat_template_when_present(causal_tok):
     assert prompt.notes == []
 
 
+# --- chat-qa: seed 004's question answering on a causal chat model ---------------------------------------
+
+
+def test_chat_qa_written_out_with_and_without_context():
+    style = get_style("chat-qa")
+    prompt, target = style.training_pair(
+        {"question": "Who built it?", "context": "Ann built it.", "answer": "Ann "}
+    )
+    assert prompt == (
+        "User: Context: Ann built it.\n\nQuestion: Who built it?\n\n"
+        "Answer the question with a few words taken from the context.\nAssistant:"
+    )
+    assert target == " Ann"
+    alone, _ = style.training_pair({"question": "Who built it?", "context": "", "answer": "Ann"})
+    assert alone == "User: Question: Who built it?\n\nAnswer the question in a few words.\nAssistant:"
+    assert style.stop_strings() == ["\nUser:"]
+
+
+def test_chat_qa_uses_the_chat_template_and_the_chat_labels(causal_tok):
+    style = get_style("chat-qa")
+    fields = {"question": "Who built it?", "context": "Ann built it.", "answer": "Ann"}
+    prompt, target = style.training_pair(fields, causal_tok)
+    assert prompt == (
+        "<s>[INST] Context: Ann built it.\n\nQuestion: Who built it?\n\n"
+        "Answer the question with a few words taken from the context. [/INST]"
+    )
+    assert target.strip() == "Ann"
+    # What a user types in the chat, labels in either order, renders exactly as the training prompt.
+    typed = [user("Question: Who built it?\nContext: Ann built it.")]
+    assert style.render(typed, causal_tok) == prompt
+    assert style.render([user("Context: Ann built it.\nQuestion: Who built it?")], causal_tok) == prompt
+    with_system = build_prompt(
+        style, [system("Be brief."), *typed], causal_tok, context_length=512, max_new_tokens=16
+    )
+    assert with_system.text.startswith("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nContext: Ann built it.")
+    with pytest.raises(ValueError, match="chat-qa needs a question"):
+        style.render([user("Context: only a passage")])
+
+
 # --- the contract: training prompt == serving prompt --------------------------------------------------------
 
 CONTENT = "Write a greeting card for Sam"
@@ -316,6 +355,7 @@ TRAINING_FIELDS = {
     "t5-qa": {"question": CONTENT, "context": None, "answer": "a card"},
     "t5-code": {"text": CONTENT, "code": "print('card')"},
     "plain-chat": {"prompt": CONTENT, "response": "Sure."},
+    "chat-qa": {"question": CONTENT, "context": None, "answer": "a card"},
 }
 
 
@@ -558,6 +598,7 @@ def test_registry_is_keyed_by_style_name():
         "t5-qa": (False, False),
         "t5-code": (False, False),
         "plain-chat": (True, True),
+        "chat-qa": (True, False),
     }
 
 

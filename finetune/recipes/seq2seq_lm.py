@@ -81,13 +81,14 @@ def train(config: FinetuneConfig) -> TrainResult:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
     )
     factories.honest_loss_scaling(trainer)  # T5's loss is a batch mean: see the function
+    base_eval = factories.base_evaluation(trainer)  # the base on the same held-out rows, for comparison
     result, final_eval = factories.train_and_evaluate(trainer, config, checkpoint_dir, started=started)
 
     # --- 5. save: every process takes part, the main one writes -------------------------------------------
     metrics = factories.run_metrics(
         trainer, result, final_eval, data, trainable=trainable, total=total, device=loaded.plan.device,
-        started=started, finetuning=config.adapter.finetuning,
-        with_context=config.data.with_context if data.style.name == "t5-qa" else None,
+        started=started, base_eval=base_eval, finetuning=config.adapter.finetuning,
+        with_context=config.data.with_context if "context" in data.style.optional_fields else None,
     )  # fmt: skip
 
     def save(unwrapped, staging, state_dict) -> None:
