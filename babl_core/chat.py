@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from babl_core.cache import ModelCache
@@ -156,6 +156,10 @@ class ChatReply:
         self.description = loaded.describe()
         if self.raw:
             self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
+        elif self.session is not None:
+            # A chat's max new tokens is a standing setting, kept across models: on a model whose
+            # context it does not fit, it is lowered for this answer (with a note) instead of failing.
+            self.prompt, self.params = fit_prompt(self.spec, loaded, self.messages, self.params)
         else:
             self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
         self.notes = list(self.prompt.notes)
@@ -248,6 +252,43 @@ def render_prompt(
         )
     except ValueError as exc:  # PromptTooLong is a ValueError
         raise BadMessage(str(exc)) from exc
+
+
+def fit_prompt(
+    spec: ModelSpec, loaded: LoadedModel, messages: list[dict], params: GenerationParams
+) -> tuple[Prompt, GenerationParams]:
+    """`render_prompt`, with max new tokens lowered to what the context leaves when it is too large.
+
+    A causal model reads the prompt and writes the answer in one context: when even the newest
+    message alone leaves no room for `params.max_new_tokens`, the answer gets the room that is left
+    (the context minus that message) and the prompt's notes say so; older turns are then dropped as
+    usual. Only a message that does not fit by itself is still an error.
+
+    Returns:
+        The prompt and the settings to generate with (the same object when nothing was lowered).
+
+    Raises:
+        BadMessage: the newest message (with the system prompt) does not fit the context.
+    """
+    try:
+        return render_prompt(spec, loaded, messages, params), params
+    except BadMessage as exc:
+        if loaded.kind == "seq2seq" or not isinstance(exc.__cause__, PromptTooLong):
+            raise
+        failure = exc
+    newest = [*(m for m in messages if m["role"] == "system"), messages[-1]]
+    alone = render_prompt(spec, loaded, newest, replace(params, max_new_tokens=0))
+    room = loaded.context_length - alone.token_count
+    if room < 1:
+        raise failure
+    fitted = replace(params, max_new_tokens=room)
+    prompt = render_prompt(spec, loaded, messages, fitted)
+    prompt.notes.insert(
+        0,
+        f"max new tokens lowered from {params.max_new_tokens} to {room} for this answer: this model reads "
+        f"at most {loaded.context_length} tokens, your message included",
+    )
+    return prompt, fitted
 
 
 def raw_prompt(loaded: LoadedModel, text: str, params: GenerationParams) -> Prompt:
