@@ -285,7 +285,7 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
     try:
         svc.check_message(text)  # before any load: an empty or huge message fails at once
         spec = svc.servable_spec(state.chat.model_id)
-        if not await asyncio.to_thread(svc.cache.is_loaded, spec):
+        if not await asyncio.to_thread(svc.is_ready, spec):
             _, failure = await _load(state, spec)
             if failure:
                 await _error(f"{failure}\n\nPick another model in the settings.")

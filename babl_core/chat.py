@@ -171,7 +171,7 @@ class ChatReply:
     def _start_remote(self):
         """An OpenAI-compatible server answers: the messages go as they are (its chat template renders
         them, so `prompt` stays None) and nothing is loaded here."""
-        self.description = f"remote: {self.spec.remote_model} at {self.spec.base_url}"
+        self.description = remote_description(self.spec)
         # A raw prompt (the API's text completions) is continued as is through the server's /completions.
         prompt = self.messages[-1]["content"] if self.raw else None
         gen = self.service.remote_stream_fn(
@@ -179,6 +179,11 @@ class ChatReply:
         )
         self.notes = list(getattr(gen, "notes", []))
         return gen
+
+
+def remote_description(spec: ModelSpec) -> str:
+    """What a remote (`backend: openai`) entry is, where `describe()` tells a local model's load."""
+    return f"remote: {spec.remote_model} at {spec.base_url}"
 
 
 async def _acquire(cache: ModelCache, spec: ModelSpec, **kwargs) -> LoadedModel:
@@ -492,10 +497,18 @@ class ChatService:
             self, session, spec, messages, params, record=False, use_adapter=False, stop_event=stop_event
         )
 
+    def is_ready(self, spec: ModelSpec) -> bool:
+        """Whether `spec` answers without a load first: loaded here, or served remotely."""
+        return spec.backend == "openai" or self.cache.is_loaded(spec)
+
     async def switch_model(self, session: ChatSession, model_id: str, *, on_status=None) -> str:
         """Load `model_id` for the session (history kept); returns `describe()`. On failure the
-        session keeps its previous model and the error propagates."""
+        session keeps its previous model and the error propagates. A remote entry loads nothing
+        here: the session just uses it (its server's availability was checked by `servable_spec`)."""
         spec = self.servable_spec(model_id)
+        if spec.backend == "openai":
+            session.model_id = spec.id
+            return remote_description(spec)
         loop = asyncio.get_running_loop()
         loaded = await asyncio.to_thread(
             self.cache.acquire,
