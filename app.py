@@ -15,7 +15,7 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, history, tunnel
+from babl_core import auth, chat_ui, history, page_policy, tunnel
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -25,6 +25,8 @@ log = logging.getLogger("babl.app")
 # The API (OpenAI-compatible routes and seed 003's endpoint) on Chainlit's own FastAPI app, ahead of
 # its UI catch-all, so it shares this process's cache and generation path.
 register_api(chainlit_app)
+# The page loads nothing from other origins (an image in an answer cannot carry the chat away).
+page_policy.install(chainlit_app)
 
 HOST, PORT = chat_ui.listen_address()
 
