@@ -15,7 +15,7 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, history, page_policy, tunnel
+from babl_core import auth, chat_ui, history, page_policy, session_files, tunnel
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -57,6 +57,9 @@ else:
 # The schema is created or upgraded before serving: an unusable BABL_DB_URL stops the app here, with why.
 history.prepare_database()
 history.register_file_route(chainlit_app)
+# Live sessions' files (downloads) in a folder of this instance's own: Chainlit removes `.files/` when
+# any instance started from this folder stops.
+session_files.use_own_files_dir()
 
 
 @cl.data_layer
@@ -77,9 +80,15 @@ async def open_public_tunnel() -> None:
             print(line, flush=True)
 
 
-@cl.on_app_shutdown
 async def close_public_tunnel() -> None:
     await asyncio.to_thread(tunnel.close_tunnel)
+
+
+@cl.on_app_shutdown
+async def shut_down() -> None:
+    # Chainlit takes one shutdown callback: the tunnel, then this instance's session files.
+    await close_public_tunnel()
+    await asyncio.to_thread(session_files.remove_files_dir)
 
 
 # --- Chainlit glue -----------------------------------------------------------------------------------
