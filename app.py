@@ -15,7 +15,7 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, history, page_policy, session_files, tunnel
+from babl_core import auth, chat_ui, history, local_login, page_policy, session_files, tunnel
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -46,11 +46,17 @@ if AUTH_MODE == auth.AuthMode.PASSWORD:
 
 else:
 
+    def _the_local_user() -> cl.User:
+        return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+
     @cl.header_auth_callback
     async def local_user(headers) -> cl.User:
         # Loopback (or BABL_ALLOW_ANONYMOUS=1): every visitor is the one local user, so chat
         # history works without a login page.
-        return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+        return _the_local_user()
+
+    # The pages carry that user's cookie, so a chat's URL opened in a new browser opens that chat.
+    local_login.install(chainlit_app, _the_local_user)
 
 
 # --- history (DESIGN.md "History") -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The chat app in a real browser with remote models only: two `backend: openai` entries on a stand-in
 OpenAI server. Covers what a remote model must do in the chat (answer, switch), that nothing on the
 page fetches another origin (an image in an answer or in a message reaches no server; the page
-carries a Content-Security-Policy), and that a chat's URL opened in a fresh browser shows that chat.
+carries a Content-Security-Policy), and that a chat's URL opened in a fresh browser shows that chat
+(local-user mode).
 
 One server for the module. Chromium missing: skipped with the install command, or a failure when
 BABL_CI_STRICT=1.
@@ -121,5 +122,33 @@ def test_remote_models_answer_and_switch_and_nothing_leaves_the_origin(browser, 
 
         page.wait_for_timeout(1000)
         assert leak.requests == [], f"the page reached another origin: {leak.requests}"
+    finally:
+        context.close()
+
+
+def test_a_chats_url_opened_in_a_fresh_browser_shows_that_chat(browser, app_url):
+    from playwright.sync_api import expect
+
+    context, page = fresh_page(browser)
+    try:
+        page.goto(app_url)
+        expect(page.locator(ANSWERS).first).to_contain_text("Answering with", timeout=30000)
+        ask_and_wait(page, "remember the word pelican", "Hello from model-")
+        page.wait_for_url("**/thread/**", timeout=30000)
+        chat_url = page.url
+    finally:
+        context.close()
+
+    context, page = fresh_page(browser)  # no cookie: what a bookmark or a shared link opens in
+    try:
+        page.goto(chat_url)
+        expect(page.locator('[data-step-type="user_message"]')).to_contain_text(
+            "remember the word pelican", timeout=30000
+        )
+        expect(page.locator(ANSWERS).filter(has_text="Hello from model-")).to_have_count(1)
+        assert page.url == chat_url
+        # It is the chat itself, resumed: the next answer continues it.
+        ask_and_wait(page, "which word?", "Hello from model-")
+        expect(page.locator('[data-step-type="user_message"]')).to_have_count(2)
     finally:
         context.close()
