@@ -482,6 +482,8 @@ class BablDataLayer(SQLAlchemyDataLayer):
             event.listen(self.engine.sync_engine, "connect", _sqlite_foreign_keys)
         self.failures: list[str] = []  # recent database errors, newest last (tests, status)
         self._deleted: set[str] = set()
+        # Answer writes one at a time: the stored-turn check and the write must not interleave.
+        self._answer_writes = asyncio.Lock()
 
     # -- SQL --------------------------------------------------------------------------------------
     def _parameter(self, value: Any) -> Any:
@@ -568,7 +570,25 @@ class BablDataLayer(SQLAlchemyDataLayer):
     async def create_step(self, step_dict):
         if step_dict.get("threadId") in self._deleted:
             return
-        await super().create_step(step_dict)
+        if step_dict.get("type") != "assistant_message":
+            await super().create_step(step_dict)
+            return
+        async with self._answer_writes:
+            if not await self._would_undo_a_turn(step_dict):
+                await super().create_step(step_dict)
+
+    async def _would_undo_a_turn(self, step_dict) -> bool:
+        """Whether this write is a late copy of an answer whose final text (the write that carries its
+        turn, `TURN_KEY`) is already stored. Chainlit writes a message in background tasks; an answer
+        that ends within milliseconds (a remote server) has its final write (`store_message`) land
+        before the first one, which would put back the answer's first chunk."""
+        if TURN_KEY in (_decode_json(step_dict.get("metadata")) or {}):
+            return False
+        rows = await self.execute_sql(
+            'SELECT "metadata" FROM steps WHERE "id" = :id', {"id": step_dict.get("id")}
+        )
+        stored = _decode_json(rows[0]["metadata"]) if isinstance(rows, list) and rows else None
+        return isinstance(stored, dict) and TURN_KEY in stored
 
     async def _session_may_write(self, thread_id: str | None, what: str) -> bool:
         """Whether the current session's user may write to `thread_id`: its owner, or anyone while

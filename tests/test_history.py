@@ -203,6 +203,35 @@ def test_an_unusable_sqlite_url_stops_the_start_with_one_line(where, tmp_path, c
 # The data layer
 
 
+def test_a_late_streaming_write_never_replaces_a_stored_answer(tmp_path):
+    """Chainlit writes messages in background tasks: for an answer that ends within milliseconds its
+    first write (the first chunk) can land after the final one, which carries the turn."""
+    import chainlit as cl
+
+    db = f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
+    history.prepare_database(db)
+
+    async def go():
+        layer = history.open_data_layer(db, tmp_path / "files")
+        try:
+            thread_id, ids = await a_thread(layer)  # its answer was stored with its turn
+            late = cl.Message(content="**ans", author="demo-html", id=ids["answer"])
+            late.thread_id = thread_id
+            await layer.create_step(late.to_dict())
+            fresh = cl.Message(content="a new answer, first chunk", author="demo-html")
+            fresh.thread_id = thread_id
+            await layer.create_step(fresh.to_dict())  # steps without a stored turn are written as ever
+            return ids, fresh.id, await layer.get_thread(thread_id)
+        finally:
+            await layer.close()
+
+    ids, fresh_id, thread = run(go())
+    steps = {s["id"]: s for s in thread["steps"]}
+    assert steps[ids["answer"]]["output"] == "**answer**"
+    assert steps[ids["answer"]]["metadata"] == {"babl_turn": {"answer": "raw"}}
+    assert steps[fresh_id]["output"] == "a new answer, first chunk"
+
+
 def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp_path):
     history.prepare_database(db)
 
