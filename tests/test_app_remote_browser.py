@@ -90,6 +90,21 @@ def ask_and_wait(page, text: str, expected: str) -> str:
     return done.last.inner_text()
 
 
+def wait_until_stored(page, chat_url: str, text: str) -> None:
+    """Waits until the chat's stored steps hold an answer with `text` (the answer is written to the
+    history just after it is shown; a tab closed at once could otherwise race that write)."""
+    base, thread_id = chat_url.split("/thread/")
+    for _ in range(60):
+        response = page.request.get(f"{base}/project/thread/{thread_id}")
+        if response.ok and any(
+            step.get("type") == "assistant_message" and text in (step.get("output") or "")
+            for step in response.json().get("steps", [])
+        ):
+            return
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the answer holding {text!r} was not stored in {chat_url}")
+
+
 def test_remote_models_answer_and_switch_and_nothing_leaves_the_origin(browser, app_url, stubs):
     from playwright.sync_api import expect
 
@@ -141,6 +156,7 @@ def test_a_chats_url_opened_in_a_fresh_browser_shows_that_chat(browser, app_url)
         ask_and_wait(page, "remember the word pelican", "Hello from model-")
         page.wait_for_url("**/thread/**", timeout=30000)
         chat_url = page.url
+        wait_until_stored(page, chat_url, "Hello from model-")
     finally:
         context.close()
 
@@ -150,7 +166,7 @@ def test_a_chats_url_opened_in_a_fresh_browser_shows_that_chat(browser, app_url)
         expect(page.locator('[data-step-type="user_message"]')).to_contain_text(
             "remember the word pelican", timeout=30000
         )
-        expect(page.locator(ANSWERS).filter(has_text="Hello from model-")).to_have_count(1)
+        expect(page.locator(ANSWERS).filter(has_text="Hello from model-")).to_have_count(1, timeout=30000)
         assert page.url == chat_url
         # It is the chat itself, resumed: the next answer continues it.
         ask_and_wait(page, "which word?", "Hello from model-")
@@ -177,6 +193,7 @@ def test_with_passwords_a_chats_url_asks_for_the_login_then_shows_that_chat(brow
             ask_and_wait(page, "remember the word heron", "Hello from model-")
             page.wait_for_url("**/thread/**", timeout=30000)
             chat_url = page.url
+            wait_until_stored(page, chat_url, "Hello from model-")
         finally:
             context.close()
 
