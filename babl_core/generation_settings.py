@@ -147,7 +147,8 @@ SETTINGS: dict[str, Setting] = {
     for s in (
         Setting(
             "max_new_tokens", "Max new tokens", "int", 256,
-            "The longest answer, in tokens.",
+            "The longest answer, in tokens; on a model whose context is smaller, an answer gets the room "
+            "left (a note says so).",
             minimum=1, maximum=4096, api_name="max_tokens", widget="number",
         ),
         Setting(

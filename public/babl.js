@@ -10,6 +10,38 @@
 // 2. Commands: typing `/status` and Enter runs the command. Chainlit's first Enter only turns the
 //    typed name into a command chip; when the typed text is exactly a command's name, the message is
 //    then sent as if Enter had been pressed a second time.
+// 3. After a login, back to the chat whose address was opened (the first function below):
+//    Chainlit 2.12's web app, opened at a chat's address (/thread/<id>) without a session, reloads itself
+// at /login, and after the login always goes to "/": a new, empty chat. This script (loaded before the
+// app through `custom_js` in .chainlit/config.toml) remembers the chat's address for this tab, and when
+// the app leaves /login for "/", opens that chat instead. Same origin only: it only ever goes to a
+// path of this app.
+(function () {
+  var KEY = 'babl-return-to';
+  var path = window.location.pathname;
+  if (/^\/thread\/[A-Za-z0-9-]+$/.test(path)) {
+    window.sessionStorage.setItem(KEY, path);
+    return;
+  }
+  if (path !== '/login') {
+    window.sessionStorage.removeItem(KEY);
+    return;
+  }
+  ['pushState', 'replaceState'].forEach(function (name) {
+    var original = window.history[name];
+    window.history[name] = function (state, title, url) {
+      var target = window.sessionStorage.getItem(KEY);
+      var leavingLogin = window.location.pathname === '/login';
+      var result = original.apply(this, arguments);
+      if (target && leavingLogin && url !== undefined && new URL(url, window.location.href).pathname === '/') {
+        window.sessionStorage.removeItem(KEY);
+        window.location.replace(target);
+      }
+      return result;
+    };
+  });
+})();
+
 (function () {
   'use strict';
 

@@ -175,8 +175,61 @@ def test_bad_urls_and_unreachable_servers_stop_the_start_with_the_fix(monkeypatc
     assert (tmp_path / "state" / "babl.db").exists()
 
 
+@pytest.mark.parametrize(
+    "where",
+    ["under-a-file", "in-proc", "memory", "memory-uri", "no-path"],
+)
+def test_an_unusable_sqlite_url_stops_the_start_with_one_line(where, tmp_path, capfd):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    url = {
+        "under-a-file": f"sqlite+aiosqlite:///{a_file}/history/babl.db",
+        "in-proc": "sqlite+aiosqlite:////proc/babl.db",
+        "memory": "sqlite+aiosqlite:///:memory:",
+        "memory-uri": "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true",
+        "no-path": "sqlite+aiosqlite://",
+    }[where]
+    with pytest.raises(history.HistoryUnavailable) as stopped:
+        history.prepare_database(url)
+    message = str(stopped.value)
+    assert "\n" not in message, message
+    assert "BABL_DB_URL" in message
+    assert ("in-memory" in message) == where.startswith(("memory", "no-path")), message
+    assert "Traceback" not in capfd.readouterr().err  # no worker thread printed one either
+    assert not (tmp_path / "a-file").is_dir()
+
+
 # --------------------------------------------------------------------------------------------------
 # The data layer
+
+
+def test_a_late_streaming_write_never_replaces_a_stored_answer(tmp_path):
+    """Chainlit writes messages in background tasks: for an answer that ends within milliseconds its
+    first write (the first chunk) can land after the final one, which carries the turn."""
+    import chainlit as cl
+
+    db = f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
+    history.prepare_database(db)
+
+    async def go():
+        layer = history.open_data_layer(db, tmp_path / "files")
+        try:
+            thread_id, ids = await a_thread(layer)  # its answer was stored with its turn
+            late = cl.Message(content="**ans", author="demo-html", id=ids["answer"])
+            late.thread_id = thread_id
+            await layer.create_step(late.to_dict())
+            fresh = cl.Message(content="a new answer, first chunk", author="demo-html")
+            fresh.thread_id = thread_id
+            await layer.create_step(fresh.to_dict())  # steps without a stored turn are written as ever
+            return ids, fresh.id, await layer.get_thread(thread_id)
+        finally:
+            await layer.close()
+
+    ids, fresh_id, thread = run(go())
+    steps = {s["id"]: s for s in thread["steps"]}
+    assert steps[ids["answer"]]["output"] == "**answer**"
+    assert steps[ids["answer"]]["metadata"] == {"babl_turn": {"answer": "raw"}}
+    assert steps[fresh_id]["output"] == "a new answer, first chunk"
 
 
 def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp_path):
