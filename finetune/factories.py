@@ -162,8 +162,11 @@ def base_evaluation(trainer) -> dict:
     """
     from contextlib import nullcontext
 
+    from finetune.progress import show_progress
+
     if trainer.eval_dataset is None:
         return {}
+    show_progress(trainer)  # Babl's progress output from the first evaluation on, not tqdm's bars
     model = trainer.model
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with off:

@@ -110,8 +110,13 @@ class TrainingProgress(TrainerCallback):
 
 
 def show_progress(trainer) -> TrainingProgress:
-    """Replace the Trainer's progress bars and raw-dict printing with `TrainingProgress`."""
+    """Replace the Trainer's progress bars and raw-dict printing with `TrainingProgress` (once: a
+    second call, e.g. the base evaluation's before training, returns the one already there)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TrainingProgress):
+            return callback
 
     for cls in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cls)
