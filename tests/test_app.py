@@ -718,7 +718,8 @@ def test_downloads_survive_another_instance_from_this_folder_stopping(app_module
         return tab
 
     tab = run(go())
-    download = [e for e in tab.elements(tab.last_answer()["id"]) if e["type"] == "file"][-1]
+    # The preview is the answer's one download control: its stored content is what it downloads.
+    download = [e for e in tab.elements(tab.last_answer()["id"]) if e["type"] == "custom"][-1]
     path = Path(tab.session.files[download["chainlitKey"]]["path"])
     assert path.is_file()
     shutil.rmtree(chainlit.server.FILES_DIRECTORY, ignore_errors=True)
