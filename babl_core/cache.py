@@ -54,16 +54,34 @@ class _Entry:
 
 def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
     base = str(settings.resolve_path(spec.base).resolve()) if looks_like_path(spec.base) else spec.base
+    if spec.gguf_file:  # entries on one GGUF share a copy; other files of the same repo do not
+        base = f"{base} ({spec.gguf_file})"
     return (base, plan.quantization, plan.dtype, plan.device)
 
 
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
     """Rough in-memory size before loading: weight files on disk, scaled for 4/8-bit loads."""
-    folder = settings.resolve_path(spec.base) if looks_like_path(spec.base) else hub_cached_dir(spec.base)
+    if spec.gguf_file:
+        folder = _converted_if_present(spec, plan)
+    elif looks_like_path(spec.base):
+        folder = settings.resolve_path(spec.base)
+    else:
+        folder = hub_cached_dir(spec.base)
     if not folder or not folder.is_dir():
         return 0
     size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     return int(size * {"nf4": 0.3, "int8": 0.55}.get(plan.quantization, 1.0))
+
+
+def _converted_if_present(spec: ModelSpec, plan: LoadPlan):
+    """A GGUF entry's converted folder when it exists already (never converts: this is an estimate)."""
+    from babl_core import gguf
+
+    try:
+        sha = gguf.remembered_sha256(gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base)))
+    except (gguf.GGUFUnavailable, OSError):
+        return None
+    return gguf.target_dir(sha, plan.dtype) if sha else None
 
 
 class ModelCache:

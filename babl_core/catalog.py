@@ -27,8 +27,11 @@ BACKENDS = ("local", "openai")
 KINDS = ("causal", "seq2seq")
 QUANTIZATIONS = ("nf4", "int8", "none", "auto")
 DTYPES = ("float16", "bfloat16", "float32", "auto")
+# `auto` means transformers until a second local engine exists.
+ENGINES = ("transformers", "auto")
 # Kept here (not imported from prompts) so the catalog can be validated without importing torch.
 PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat")
+SYSTEM_PROMPT_STYLES = ("codellama-inst", "plain-chat")  # styles that send a system prompt
 DEFAULT_STYLE_FOR_TASK = {
     "html": "codellama-inst",
     "python": "alpaca-code",
@@ -97,6 +100,9 @@ class ModelSpec:
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     demo: bool = False
     prefer_gpu: bool = False
+    gguf_file: str | None = None
+    system_prompt: str | None = None
+    engine: str = "auto"
     base_url: str | None = None
     api_key_env: str | None = None
     remote_model: str | None = None
@@ -144,7 +150,7 @@ class Availability:
 _FIELDS = {
     "id", "label", "task", "backend", "base", "adapter", "requires_adapter", "train_command", "kind",
     "quantization", "dtype", "prompt_style", "generation", "demo", "prefer_gpu", "base_url",
-    "api_key_env", "remote_model",
+    "api_key_env", "remote_model", "gguf_file", "system_prompt", "engine",
 }  # fmt: skip
 _GEN_FIELDS = {f for f in GenerationDefaults.__dataclass_fields__}
 
@@ -223,10 +229,19 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
     for name, choices in (("kind", KINDS), ("quantization", QUANTIZATIONS), ("dtype", DTYPES)):
         _choice(problems, where, name, raw.get(name), choices)
     _choice(problems, where, "prompt_style", raw.get("prompt_style"), PROMPT_STYLES)
+    if raw.get("engine") == "llama.cpp":
+        problems.append(
+            f"{where}, field 'engine': llama.cpp is not available in this version; use transformers"
+        )
+    else:
+        _choice(problems, where, "engine", raw.get("engine"), ENGINES)
     for name in ("requires_adapter", "demo", "prefer_gpu"):
         if name in raw and not isinstance(raw[name], bool):
             problems.append(f"{where}, field {name!r}: {raw[name]!r} is not true or false")
-    for name in ("label", "base", "adapter", "train_command", "base_url", "api_key_env", "remote_model"):
+    for name in (
+        "label", "base", "adapter", "train_command", "base_url", "api_key_env", "remote_model", "gguf_file",
+        "system_prompt",
+    ):  # fmt: skip
         if raw.get(name) is not None and not isinstance(raw[name], str):
             problems.append(f"{where}, field {name!r}: expected a string, got {raw[name]!r}")
     if backend == "local" and not raw.get("base"):
@@ -238,6 +253,20 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
         ):
             if not raw.get(name):
                 problems.append(f"{where}, field {name!r}: required for backend openai; set e.g. {example}")
+    if isinstance(raw.get("gguf_file"), str):
+        from babl_core.gguf import check_setting
+
+        problem = check_setting(raw["gguf_file"])
+        if problem:
+            problems.append(f"{where}, field 'gguf_file': {problem}")
+        if raw.get("kind") == "seq2seq":
+            problems.append(f"{where}, field 'kind': GGUF files hold decoder-only models; use causal")
+    style = raw.get("prompt_style") or (DEFAULT_STYLE_FOR_TASK.get(task) if isinstance(task, str) else None)
+    if raw.get("system_prompt") and style in PROMPT_STYLES and style not in SYSTEM_PROMPT_STYLES:
+        problems.append(
+            f"{where}, field 'system_prompt': prompt style {style!r} sends no system prompt; remove it or use "
+            f"one of {', '.join(SYSTEM_PROMPT_STYLES)}"
+        )
     if raw.get("requires_adapter") and not raw.get("adapter"):
         problems.append(
             f"{where}, field 'adapter': requires_adapter is true, so name the adapter path it waits for"
@@ -265,6 +294,9 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
         generation=generation,
         demo=bool(raw.get("demo", False)),
         prefer_gpu=bool(raw.get("prefer_gpu", False)),
+        gguf_file=raw.get("gguf_file") or None,
+        system_prompt=raw.get("system_prompt") or None,
+        engine=raw.get("engine", "auto"),
         base_url=raw.get("base_url"),
         api_key_env=raw.get("api_key_env"),
         remote_model=raw.get("remote_model"),
@@ -402,7 +434,12 @@ def availability(spec: ModelSpec) -> Availability:
             return Availability(
                 "needs-training", f"no adapter at {settings.portable_path(adapter_dir)} yet; train one: {how}"
             )
-    base = _where(spec, spec.base, "base model", "config.json")
+    if spec.gguf_file:
+        from babl_core import gguf
+
+        base = Availability(*gguf.availability(spec.gguf_file, spec.base))
+    else:
+        base = _where(spec, spec.base, "base model", "config.json")
     if not spec.adapter or base.word == "unavailable":
         return base
     adapter = _where(spec, spec.adapter, "adapter", "adapter_config.json")
@@ -417,6 +454,8 @@ def detect_kind(spec: ModelSpec) -> str:
     """causal or seq2seq: the entry's `kind`, else the base's config.json, else a name heuristic."""
     if spec.kind:
         return spec.kind
+    if spec.gguf_file:
+        return "causal"  # GGUF holds decoder-only models
     config_dir = None
     if looks_like_path(spec.base):
         config_dir = _local_model_dir(spec.base)
@@ -449,6 +488,7 @@ class AdapterInfo:
     recipe: str = ""
     metrics: dict = field(default_factory=dict, compare=False, hash=False)
     created: str = ""
+    gguf_file: str | None = None
 
 
 def read_adapter_info(run_dir: Path) -> AdapterInfo:
@@ -480,6 +520,7 @@ def read_adapter_info(run_dir: Path) -> AdapterInfo:
         recipe=meta.get("recipe", ""),
         metrics=meta.get("metrics") or {},
         created=meta.get("created", ""),
+        gguf_file=meta.get("gguf_file") or None,
     )
 
 
@@ -502,6 +543,11 @@ def _same_place(a: str, b: str) -> bool:
     if looks_like_path(a) and looks_like_path(b):
         return _local_model_dir(a).resolve() == _local_model_dir(b).resolve()
     return a == b
+
+
+def same_base(spec: ModelSpec, base: str, gguf_file: str | None) -> bool:
+    """True when `spec` loads the base named by (base, gguf_file), as babl.json records it."""
+    return _same_place(spec.base, base) and (spec.gguf_file or None) == (gguf_file or None)
 
 
 class Catalog:
@@ -551,7 +597,8 @@ class Catalog:
         """How the app serves a discovered adapter: its own entry, loaded like the catalog entry on the
         same base (so the cache keys match and one copy of the weights serves both)."""
         twin = next(
-            (s for s in self.entries if s.backend == "local" and _same_place(s.base, info.base)), None
+            (s for s in self.entries if s.backend == "local" and same_base(s, info.base, info.gguf_file)),
+            None,
         )
         return ModelSpec(
             id=info.id,
@@ -566,6 +613,8 @@ class Catalog:
             generation=twin.generation if twin else GenerationDefaults(),
             demo=twin.demo if twin else False,
             prefer_gpu=twin.prefer_gpu if twin else False,
+            gguf_file=info.gguf_file,
+            engine=twin.engine if twin else "auto",
             source="discovered",
             metrics=info.metrics,
         )
@@ -581,12 +630,27 @@ class Catalog:
         raise UnknownModel(model_id, [s.id for s in specs])
 
     def default_model(self, cuda: bool | None = None) -> ModelSpec | None:
-        """The first servable entry; without CUDA, entries marked prefer_gpu are passed over."""
+        """The model a new chat opens on: `BABL_DEFAULT_MODEL` when set and servable, else the first
+        servable entry; without CUDA, entries marked prefer_gpu are passed over."""
         if cuda is None:
             from babl_core.devices import cuda_available
 
             cuda = cuda_available()
-        servable = [s for s in self.list() if availability(s).servable]
+        specs = self.list()
+        chosen = os.environ.get("BABL_DEFAULT_MODEL", "").strip()
+        if chosen:
+            spec = next((s for s in specs if s.id == chosen), None)
+            if spec is None:
+                log.warning(
+                    "BABL_DEFAULT_MODEL=%s is not in the catalog; using the first usable entry", chosen
+                )
+            elif availability(spec).servable:
+                return spec
+            else:
+                log.warning(
+                    "BABL_DEFAULT_MODEL=%s cannot be served here; using the first usable entry", chosen
+                )
+        servable = [s for s in specs if availability(s).servable]
         for spec in servable:
             if cuda or not spec.prefer_gpu:
                 return spec

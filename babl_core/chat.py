@@ -20,7 +20,14 @@ from babl_core.catalog import Catalog, ModelSpec, availability
 from babl_core.generation import GenerationParams, GenerationStats
 from babl_core.generation import stream as default_stream
 from babl_core.loading import LoadedModel, ModelUnavailable
-from babl_core.prompts import Prompt, PromptTooLong, build_prompt, count_tokens, get_style
+from babl_core.prompts import (
+    Prompt,
+    PromptTooLong,
+    build_prompt,
+    count_tokens,
+    get_style,
+    with_default_system,
+)
 from babl_core.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
@@ -235,12 +242,13 @@ async def _pump(gen, stop_event: threading.Event) -> AsyncIterator[str]:
 def render_prompt(
     spec: ModelSpec, loaded: LoadedModel, messages: list[dict], params: GenerationParams
 ) -> Prompt:
-    """The entry's prompt style over the messages, trimmed to the model's context."""
+    """The entry's prompt style over the messages (with the entry's system prompt unless they bring
+    their own), trimmed to the model's context."""
     style = get_style(spec.prompt_style)
     try:
         return build_prompt(
             style,
-            messages,
+            with_default_system(messages, spec.system_prompt),
             loaded.tokenizer,
             context_length=loaded.context_length,
             max_new_tokens=params.max_new_tokens,

@@ -224,6 +224,19 @@ def _source(ref: str) -> tuple[str, dict]:
     return ref, ({"local_files_only": True} if is_offline() else {})
 
 
+def base_source(spec: ModelSpec, plan: LoadPlan) -> tuple[str, dict]:
+    """Where `spec`'s base weights and tokenizer are read from: for a GGUF entry, its safetensors
+    folder in the plan's dtype (converted on first use, see `babl_core.gguf`); else `_source`."""
+    if not spec.gguf_file:
+        return _source(spec.base)
+    from babl_core.gguf import GGUFUnavailable, converted_dir
+
+    try:
+        return str(converted_dir(spec, plan.dtype)), {}
+    except GGUFUnavailable as exc:
+        raise ModelUnavailable(spec.id, str(exc)) from exc
+
+
 def _check(spec: ModelSpec) -> None:
     if spec.backend != "local":
         raise ModelUnavailable(spec.id, f"backend {spec.backend!r} is served remotely, not loaded here")
@@ -257,11 +270,11 @@ def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
     plan = plan or plan_load(spec)
     kind = detect_kind(spec)
     auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    source, extra = _source(spec.base)
     notes = list(plan.notes)
     start = time.perf_counter()
+    source, extra = base_source(spec, plan)
     try:
-        tokenizer = load_tokenizer(spec.base, kind)
+        tokenizer = load_tokenizer(source if spec.gguf_file else spec.base, kind)
         model = None
         if plan.quantization in ("nf4", "int8"):
             try:

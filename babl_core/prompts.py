@@ -120,6 +120,16 @@ def parse_conversation(messages: list[dict]) -> Conversation:
     return Conversation(system=system, turns=turns, question=rest[-1]["content"])
 
 
+def with_default_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with `system_prompt` first, unless they already start with a system message of their
+    own (a session's or an API client's system prompt overrides the catalog entry's)."""
+    if not system_prompt or not system_prompt.strip():
+        return list(messages)
+    if messages and messages[0].get("role") == "system":
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def count_tokens(tokenizer, text: str, *, add_special_tokens: bool) -> int:
     """Tokens `tokenizer` makes of `text`, exactly as generation will encode it."""
     return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -84,6 +84,11 @@ def demo_dir() -> Path:
     return models_dir() / "demo"
 
 
+def gguf_dir() -> Path:
+    """Where GGUF bases are written once as safetensors (`models/gguf/`), one folder per file and dtype."""
+    return models_dir() / "gguf"
+
+
 def data_dir() -> Path:
     """Local state (database, secrets, stored files); `BABL_DATA_DIR` replaces `data/`."""
     value = os.environ.get("BABL_DATA_DIR")

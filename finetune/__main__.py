@@ -120,11 +120,16 @@ def _summary(config, result) -> str:
 
 def _dry_run(config) -> int:
     """Print formatted examples with their loss mask and the token-length distribution; train nothing."""
-    from babl_core.loading import load_tokenizer
+    from babl_core.loading import ModelUnavailable, base_source, load_tokenizer, plan_load
     from finetune.data import DataError, describe_preview, prepare_data
+    from finetune.factories import model_spec
 
     try:
-        tokenizer = load_tokenizer(config.model.base, config.model.kind)
+        base = config.model.base
+        if config.model.gguf_file:  # the tokenizer is in the GGUF: read it from the converted folder
+            spec = model_spec(config)
+            base = base_source(spec, plan_load(spec))[0]
+        tokenizer = load_tokenizer(base, config.model.kind)
         tokenizer.padding_side = "right"
         prepared = prepare_data(tokenizer, config, kind=config.model.kind)
     except DataError as exc:
@@ -132,6 +137,9 @@ def _dry_run(config) -> int:
         return EXIT_USAGE
     except OSError as exc:
         _err(f"base: could not read the tokenizer of {config.model.base}: {exc}")
+        return EXIT_UNAVAILABLE
+    except ModelUnavailable as exc:
+        _err(f"base: {exc.reason}")
         return EXIT_UNAVAILABLE
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(describe_preview(tokenizer, prepared, config, kind=config.model.kind, color=color))

@@ -79,6 +79,11 @@ class ModelArgs:
     base: str | None = setting(
         None, "hub id (org/name) or local model directory (relative to the repo root)", required=True
     )
+    gguf_file: str | None = setting(
+        None,
+        "the base's weights as a GGUF file, as in the catalog: a .gguf path, pkg:<package>/<file>, or a file "
+        "name in the base hub repo (converted once to safetensors under models/gguf/)",
+    )
     kind: str = setting("auto", "causal or seq2seq (auto: read from the model's config.json)", KINDS)
     quantization: str = setting(
         "auto", "load the base in nf4/int8 for QLoRA (auto: nf4 with CUDA for causal models, else none)",
@@ -424,7 +429,7 @@ def build_config(
     config = FinetuneConfig(**{group: GROUPS[group](**kwargs) for group, kwargs in groups.items()})
     config.source = source
     if config.model.kind == "auto" and config.model.base:
-        config.model.kind = detect_kind(config.model.base)
+        config.model.kind = "causal" if config.model.gguf_file else detect_kind(config.model.base)
     # Check the rest too (one error lists everything), but not again the keys already reported.
     problems.extend(p for p in validate(config) if p.split(":", 1)[0] not in bad)
     return config, problems
@@ -612,7 +617,13 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
 
     problems: list[str] = []
     base = config.model.base
-    if looks_like_path(base):
+    if config.model.gguf_file:
+        from babl_core.gguf import availability as gguf_availability
+
+        word, reason = gguf_availability(config.model.gguf_file, base)
+        if word == "unavailable":
+            problems.append(f"gguf_file: {reason}")
+    elif looks_like_path(base):
         path = settings.resolve_path(base)
         if not (path / "config.json").is_file():
             if path.resolve().is_relative_to(settings.demo_dir().resolve()):

@@ -48,6 +48,7 @@ def model_spec(config: FinetuneConfig) -> ModelSpec:
         label=config.label,
         task=config.run.task,
         base=model.base,
+        gguf_file=model.gguf_file,
         kind=model.kind,
         quantization=model.quantization,
         dtype=model.dtype,

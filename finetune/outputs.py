@@ -83,8 +83,9 @@ def portable_base(base: str) -> str:
 
 
 def metadata(config: FinetuneConfig, metrics: dict) -> dict:
-    """The `babl.json` document for this run."""
-    return {
+    """The `babl.json` document for this run. A base read from a GGUF file is recorded as the catalog
+    names it, `base` + `gguf_file`, so the adapter matches that entry and shares its loaded copy."""
+    document = {
         "id": config.run.run_name,
         "label": config.label,
         "task": config.run.task,
@@ -94,6 +95,9 @@ def metadata(config: FinetuneConfig, metrics: dict) -> dict:
         "metrics": metrics,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if config.model.gguf_file:
+        document["gguf_file"] = config.model.gguf_file
+    return document
 
 
 def staging_dir(config: FinetuneConfig) -> Path:

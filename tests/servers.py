@@ -49,8 +49,9 @@ def server_env(models_dir: Path, data_dir: Path, **extra: str) -> dict:
         TRANSFORMERS_OFFLINE="1",
         BABL_MODELS_DIR=str(models_dir),
         BABL_DATA_DIR=str(data_dir),
-        **extra,
+        BABL_DEFAULT_MODEL="demo-html",  # tiny random weights unless a test asks for another model
     )
+    env.update(extra)
     return env
 
 

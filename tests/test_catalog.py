@@ -183,7 +183,11 @@ def test_broken_babl_json_is_skipped_with_a_warning(models_dir):
     assert any("broken" in w for w in cat.warnings)
 
 
-def test_default_model_offline_is_a_demo_and_prefer_gpu_skipped_on_cpu(monkeypatch):
+def test_default_model_offline_is_the_first_usable_and_prefer_gpu_skipped_on_cpu(monkeypatch):
+    from babl_core import gguf
+
+    monkeypatch.delenv("BABL_DEFAULT_MODEL", raising=False)
+    monkeypatch.setattr(gguf, "package_dir", lambda name: None)  # without the real weights' package
     cat = Catalog.load(REPO_ROOT / "configs" / "models.yaml")
     assert cat.default_model(cuda=False).id == "demo-html"
     # Online on CPU: the CodeGen entry (the 7B CodeLlama is passed over without CUDA).
