@@ -15,7 +15,7 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, history, tunnel
+from babl_core import auth, chat_ui, history, local_login, page_policy, session_files, tunnel
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
 from babl_core.runtime import service
@@ -25,6 +25,8 @@ log = logging.getLogger("babl.app")
 # The API (OpenAI-compatible routes and seed 003's endpoint) on Chainlit's own FastAPI app, ahead of
 # its UI catch-all, so it shares this process's cache and generation path.
 register_api(chainlit_app)
+# The page loads nothing from other origins (an image in an answer cannot carry the chat away).
+page_policy.install(chainlit_app)
 
 HOST, PORT = chat_ui.listen_address()
 
@@ -44,17 +46,26 @@ if AUTH_MODE == auth.AuthMode.PASSWORD:
 
 else:
 
+    def _the_local_user() -> cl.User:
+        return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+
     @cl.header_auth_callback
     async def local_user(headers) -> cl.User:
         # Loopback (or BABL_ALLOW_ANONYMOUS=1): every visitor is the one local user, so chat
         # history works without a login page.
-        return cl.User(identifier=auth.LOCAL_USER, metadata={"login": str(AUTH_MODE)})
+        return _the_local_user()
+
+    # The pages carry that user's cookie, so a chat's URL opened in a new browser opens that chat.
+    local_login.install(chainlit_app, _the_local_user)
 
 
 # --- history (DESIGN.md "History") -----------------------------------------------------------------
 # The schema is created or upgraded before serving: an unusable BABL_DB_URL stops the app here, with why.
 history.prepare_database()
 history.register_file_route(chainlit_app)
+# Live sessions' files (downloads) in a folder of this instance's own: Chainlit removes `.files/` when
+# any instance started from this folder stops.
+session_files.use_own_files_dir()
 
 
 @cl.data_layer
@@ -75,9 +86,15 @@ async def open_public_tunnel() -> None:
             print(line, flush=True)
 
 
-@cl.on_app_shutdown
 async def close_public_tunnel() -> None:
     await asyncio.to_thread(tunnel.close_tunnel)
+
+
+@cl.on_app_shutdown
+async def shut_down() -> None:
+    # Chainlit takes one shutdown callback: the tunnel, then this instance's session files.
+    await close_public_tunnel()
+    await asyncio.to_thread(session_files.remove_files_dir)
 
 
 # --- Chainlit glue -----------------------------------------------------------------------------------
@@ -285,7 +302,7 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
     try:
         svc.check_message(text)  # before any load: an empty or huge message fails at once
         spec = svc.servable_spec(state.chat.model_id)
-        if not await asyncio.to_thread(svc.cache.is_loaded, spec):
+        if not await asyncio.to_thread(svc.is_ready, spec):
             _, failure = await _load(state, spec)
             if failure:
                 await _error(f"{failure}\n\nPick another model in the settings.")

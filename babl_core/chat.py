@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from babl_core.cache import ModelCache
@@ -163,6 +163,10 @@ class ChatReply:
         self.description = loaded.describe()
         if self.raw:
             self.prompt = raw_prompt(loaded, self.messages[-1]["content"], self.params)
+        elif self.session is not None:
+            # A chat's max new tokens is a standing setting, kept across models: on a model whose
+            # context it does not fit, it is lowered for this answer (with a note) instead of failing.
+            self.prompt, self.params = fit_prompt(self.spec, loaded, self.messages, self.params)
         else:
             self.prompt = render_prompt(self.spec, loaded, self.messages, self.params)
         self.notes = list(self.prompt.notes)
@@ -174,7 +178,7 @@ class ChatReply:
     def _start_remote(self):
         """An OpenAI-compatible server answers: the messages go as they are (its chat template renders
         them, so `prompt` stays None) and nothing is loaded here."""
-        self.description = f"remote: {self.spec.remote_model} at {self.spec.base_url}"
+        self.description = remote_description(self.spec)
         # A raw prompt (the API's text completions) is continued as is through the server's /completions.
         prompt = self.messages[-1]["content"] if self.raw else None
         gen = self.service.remote_stream_fn(
@@ -182,6 +186,11 @@ class ChatReply:
         )
         self.notes = list(getattr(gen, "notes", []))
         return gen
+
+
+def remote_description(spec: ModelSpec) -> str:
+    """What a remote (`backend: openai`) entry is, where `describe()` tells a local model's load."""
+    return f"remote: {spec.remote_model} at {spec.base_url}"
 
 
 async def _acquire(cache: ModelCache, spec: ModelSpec, **kwargs) -> LoadedModel:
@@ -256,6 +265,43 @@ def render_prompt(
         )
     except ValueError as exc:  # PromptTooLong is a ValueError
         raise BadMessage(str(exc)) from exc
+
+
+def fit_prompt(
+    spec: ModelSpec, loaded: LoadedModel, messages: list[dict], params: GenerationParams
+) -> tuple[Prompt, GenerationParams]:
+    """`render_prompt`, with max new tokens lowered to what the context leaves when it is too large.
+
+    A causal model reads the prompt and writes the answer in one context: when even the newest
+    message alone leaves no room for `params.max_new_tokens`, the answer gets the room that is left
+    (the context minus that message) and the prompt's notes say so; older turns are then dropped as
+    usual. Only a message that does not fit by itself is still an error.
+
+    Returns:
+        The prompt and the settings to generate with (the same object when nothing was lowered).
+
+    Raises:
+        BadMessage: the newest message (with the system prompt) does not fit the context.
+    """
+    try:
+        return render_prompt(spec, loaded, messages, params), params
+    except BadMessage as exc:
+        if loaded.kind == "seq2seq" or not isinstance(exc.__cause__, PromptTooLong):
+            raise
+        failure = exc
+    newest = [*(m for m in messages if m["role"] == "system"), messages[-1]]
+    alone = render_prompt(spec, loaded, newest, replace(params, max_new_tokens=0))
+    room = loaded.context_length - alone.token_count
+    if room < 1:
+        raise failure
+    fitted = replace(params, max_new_tokens=room)
+    prompt = render_prompt(spec, loaded, messages, fitted)
+    prompt.notes.insert(
+        0,
+        f"max new tokens lowered from {params.max_new_tokens} to {room} for this answer: this model reads "
+        f"at most {loaded.context_length} tokens, your message included",
+    )
+    return prompt, fitted
 
 
 def raw_prompt(loaded: LoadedModel, text: str, params: GenerationParams) -> Prompt:
@@ -459,10 +505,18 @@ class ChatService:
             self, session, spec, messages, params, record=False, use_adapter=False, stop_event=stop_event
         )
 
+    def is_ready(self, spec: ModelSpec) -> bool:
+        """Whether `spec` answers without a load first: loaded here, or served remotely."""
+        return spec.backend == "openai" or self.cache.is_loaded(spec)
+
     async def switch_model(self, session: ChatSession, model_id: str, *, on_status=None) -> str:
         """Load `model_id` for the session (history kept); returns `describe()`. On failure the
-        session keeps its previous model and the error propagates."""
+        session keeps its previous model and the error propagates. A remote entry loads nothing
+        here: the session just uses it (its server's availability was checked by `servable_spec`)."""
         spec = self.servable_spec(model_id)
+        if spec.backend == "openai":
+            session.model_id = spec.id
+            return remote_description(spec)
         loop = asyncio.get_running_loop()
         loaded = await asyncio.to_thread(
             self.cache.acquire,

@@ -290,7 +290,8 @@ def settings_widgets(choices: list[ModelChoice], state: UiState) -> list[dict[st
             "label": "Max new tokens",
             "initial": int(current[MAX_NEW_TOKENS]),
             "placeholder": f"1 to {MAX_NEW_TOKENS_LIMIT}",
-            "description": f"The longest answer, in tokens (1 to {MAX_NEW_TOKENS_LIMIT}).",
+            "description": f"The longest answer, in tokens (1 to {MAX_NEW_TOKENS_LIMIT}); on a model whose "
+            "context is smaller, an answer gets the room left (a note says so).",
         },
         {
             "kind": "text",

@@ -28,9 +28,11 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -257,19 +259,54 @@ async def ensure_schema(conn, dialect: str) -> list[str]:
     return added
 
 
-def _sqlite_path(url: str) -> Path | None:
-    database = make_url(url).database
-    return Path(database) if database and database != ":memory:" else None
+def _sqlite_path(url: str) -> Path:
+    """The file of a SQLite URL.
+
+    Raises:
+        HistoryUnavailable: the URL names an in-memory database: each connection of the pool would
+            get its own empty one, so the schema made at start is gone and every write fails.
+    """
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or parsed.query.get("mode") == "memory"
+    ):
+        raise HistoryUnavailable(
+            f"{DB_URL_ENV}={shown_url(url)} is an in-memory SQLite database, which keeps nothing between "
+            f"connections, so no chat could be stored; give it a file (sqlite+aiosqlite:///path/babl.db) "
+            f"or unset it for the default file in the data directory."
+        )
+    return Path(database).expanduser()
+
+
+def _check_sqlite_file(url: str, path: Path) -> None:
+    """Create the SQLite file's folder and open the file for writing, with the stdlib driver: a path
+    under a file, in /proc or without permission then stops the start with one line, before the
+    async driver (whose worker thread prints its own traceback when it fails).
+
+    Raises:
+        HistoryUnavailable: the folder cannot be created or the file cannot be written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=10)) as conn:
+            # WAL: readers never wait for the writer (the sidebar lists threads while answers are
+            # stored). The mode is kept in the file; setting it is also the write test.
+            conn.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise HistoryUnavailable(
+            f"The history database {shown_url(url)} ({DB_URL_ENV}) cannot be used: {path} cannot be "
+            f"created or written ({reason}). Point {DB_URL_ENV} at a file in a folder you can write to, "
+            f"or unset it for the default SQLite file in the data directory."
+        ) from None
 
 
 async def _prepare(url: str, dialect: str) -> list[str]:
     engine = create_async_engine(url)
     try:
-        if dialect == "sqlite":
-            async with engine.connect() as conn:
-                # WAL: readers never wait for the writer (the sidebar lists threads while answers are
-                # stored). The mode is kept in the file.
-                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         async with engine.begin() as conn:
             return await ensure_schema(conn, dialect)
     finally:
@@ -290,14 +327,17 @@ def prepare_database(url: str | None = None) -> list[str]:
     """
     url = url or db_url()
     dialect = dialect_of(url)
-    if dialect == "sqlite" and (path := _sqlite_path(url)) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if dialect == "sqlite":
+        _check_sqlite_file(url, _sqlite_path(url))
     try:
         added = in_passing_thread(asyncio.run, _prepare(url, dialect))
     except (Exception, asyncio.CancelledError) as exc:  # the worker's failure (a cancelled loop too)
+        # One line: SQLAlchemy appends a "Background on this error" line to its messages.
+        cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        detail = (str(cause).strip().splitlines() or [""])[0]
         raise HistoryUnavailable(
             f"The history database {shown_url(url)} ({DB_URL_ENV}) cannot be used: "
-            f"{type(exc).__name__}: {exc}. Start that database server, or point {DB_URL_ENV} at one you "
+            f"{type(cause).__name__}: {detail}. Start that database server, or point {DB_URL_ENV} at one you "
             f"can write to ({SUPPORTED_URLS}); unset it for the default SQLite file in the data directory."
         ) from exc
     if added:

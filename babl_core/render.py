@@ -200,7 +200,46 @@ def format_answer(task: str, text: str, *, partial: bool = False) -> str:
         shown = _format_email(text)
     else:
         shown = text
-    return _close_open_fence(shown)
+    return _close_open_fence(images_as_links(shown))
+
+
+# Markdown image syntax: `![alt](url)`, `![alt][ref]`, `![ref]` (a backslash-escaped `!` is text).
+_IMAGE_START = re.compile(r"(?<!\\)!\[")
+# An inline code span: a run of backticks up to the next run of the same length (CommonMark).
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)", re.DOTALL)
+
+
+def images_as_links(markdown: str) -> str:
+    """`markdown` with every image turned into a plain link (`![alt](url)` -> `[alt](url)`), outside
+    code blocks and code spans, which show their text as is.
+
+    The chat renders answers as Markdown on the app's page: an image there is fetched as soon as it
+    is shown (at every streaming update), so a model, or a prompt injection in a pasted document,
+    could send the conversation to any server in an image URL. A link is only followed when the user
+    clicks it. The app page's Content-Security-Policy (`babl_core.page_policy`) blocks other origins
+    too; this keeps the answer readable instead of showing broken images.
+    """
+    if "![" not in markdown:
+        return markdown
+    out: list[str] = []
+    pos = 0
+    for fence in _scan_fences(markdown):
+        out.append(_prose_images_as_links(markdown[pos : fence.start]))
+        out.append(markdown[fence.start : fence.end])
+        pos = fence.end
+    out.append(_prose_images_as_links(markdown[pos:]))
+    return "".join(out)
+
+
+def _prose_images_as_links(text: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for span in _CODE_SPAN.finditer(text):
+        out.append(_IMAGE_START.sub("[", text[pos : span.start()]))
+        out.append(span.group())
+        pos = span.end()
+    out.append(_IMAGE_START.sub("[", text[pos:]))
+    return "".join(out)
 
 
 def _already_fenced(text: str) -> bool:

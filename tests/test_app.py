@@ -661,3 +661,26 @@ def test_export_command_offers_markdown_and_json_downloads(app_module, svc):
     assert exported["messages"] == state_of(tab).chat.messages
     assert "### You\n\na page about tea" in markdown
     assert len(state_of(tab).chat.messages) == 2  # /export is not a turn
+
+
+def test_downloads_survive_another_instance_from_this_folder_stopping(app_module, svc):
+    """Chainlit's shutdown removes `<app root>/.files/` (what a second `chainlit run` from this checkout
+    does when it stops): this instance's session files are elsewhere, so its downloads keep working."""
+    import shutil
+
+    import chainlit.server
+
+    from babl_core import session_files
+
+    async def go():
+        tab = await started(app_module)
+        await tab.send(app_module, "a landing page for a bakery")
+        return tab
+
+    tab = run(go())
+    download = [e for e in tab.elements(tab.last_answer()["id"]) if e["type"] == "file"][-1]
+    path = Path(tab.session.files[download["chainlitKey"]]["path"])
+    assert path.is_file()
+    shutil.rmtree(chainlit.server.FILES_DIRECTORY, ignore_errors=True)
+    assert path.is_file()
+    assert path.is_relative_to(session_files.root_dir())

@@ -354,3 +354,26 @@ def test_status_shows_bases_batches_generations_and_queue(service, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_max_new_tokens_beyond_the_context_is_lowered_with_a_note(service):
+    # 4096 new tokens on a 2048-token model: the chat answers with the room left, and says so.
+    session = ChatSession(model_id="demo-python", settings={"temperature": 0, "max_new_tokens": 4096})
+    run(collect(service.respond(session, "first question")))
+    reply = service.respond(session, "second question")
+    run(collect(reply))
+    room = 2048 - reply.prompt.token_count
+    assert reply.params.max_new_tokens == room < 2048
+    assert reply.stats.completion_tokens <= room
+    assert reply.notes[0] == (
+        f"max new tokens lowered from 4096 to {room} for this answer: this model reads at most 2048 "
+        "tokens, your message included"
+    )
+    assert session.messages[-1]["role"] == "assistant" and session.settings["max_new_tokens"] == 4096
+    # A message that does not fit by itself is still an error, and the API keeps OpenAI's 400.
+    with pytest.raises(BadMessage, match="too long"):
+        run(collect(service.respond(session, "word " * 3000)))
+    with pytest.raises(BadMessage, match="max new tokens"):
+        run(
+            collect(service.complete("demo-python", [{"role": "user", "content": "hi"}], max_new_tokens=4096))
+        )

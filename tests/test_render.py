@@ -391,3 +391,26 @@ def test_throttle_counts_from_the_last_sent_update():
 def test_throttle_refuses_a_negative_interval():
     with pytest.raises(ValueError, match="min_interval_s"):
         PreviewThrottle(-1)
+
+
+@pytest.mark.parametrize("task", ["chat", "qa", "email", "html", "python"])
+def test_images_in_answers_become_links_and_code_is_left_alone(task):
+    leak = "http://127.0.0.1:9/leak?q=the+conversation"
+    answer = (
+        f"Here ![a chart]({leak}) and ![ref] and ![][r2] then \\![not an image](x) and `![kept](in code)`.\n\n"
+        f"[r2]: {leak}\n\n"
+        "```python\nprint('![kept too](in a fence)')\n```\n"
+    )
+    shown = format_answer(task, answer)
+    assert f"[a chart]({leak})" in shown and "![a chart]" not in shown
+    assert "[ref]" in shown and "![ref]" not in shown and "![][r2]" not in shown
+    assert "\\![not an image](x)" in shown
+    assert "`![kept](in code)`" in shown and "print('![kept too](in a fence)')" in shown
+    streamed = format_answer(task, answer[: answer.index(" and ![ref]")], partial=True)
+    if task != "python":  # python: unfenced text so far is shown as a code block, as is
+        assert "![" not in streamed
+
+
+def test_images_inside_an_unclosed_fence_stay_code_while_streaming():
+    shown = format_answer("chat", "```md\n![x](http://a/b)", partial=True)
+    assert "![x](http://a/b)" in shown

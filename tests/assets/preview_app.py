@@ -9,8 +9,12 @@ Run by the test as `chainlit run tests/assets/preview_app.py` from the repo root
 import os
 
 import chainlit as cl
+from chainlit.server import app
 
+from babl_core import page_policy
 from babl_core.render import extract_html, format_answer, preview_props
+
+page_policy.install(app)  # the app page's Content-Security-Policy, as app.py serves it
 
 LEAK_URL = os.environ["BABL_TEST_LEAK_URL"]
 TITLE = "Hostile page"
