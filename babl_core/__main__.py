@@ -269,6 +269,10 @@ def cmd_engines(args: argparse.Namespace) -> int:
         if args.engine != "llama.cpp":
             _err(f"unknown engine {args.engine!r}; the one that can be built is llama.cpp")
             return EXIT_USAGE
+        found = llama_cpp.find_server()
+        if args.if_missing and found:
+            print(f"llama-server found: {found}")
+            return EXIT_OK
         try:
             path = llama_cpp.build(jobs=args.jobs)
         except RuntimeError as exc:
@@ -342,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("engine", nargs="?", default="llama.cpp", help="the engine to build: llama.cpp")
     p.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: the CPU count)")
+    p.add_argument("--if-missing", action="store_true", help="build only when no llama-server is found")
     p.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("adduser", help="add a login to a users file", description=cmd_adduser.__doc__)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -144,6 +145,14 @@ def build(*, jobs: int | None = None, progress: Callable[[str], None] | None = N
             )
     root = build_dir()
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `make test` at once: the second waits, then finds it built
+        if target.is_file():
+            return target
+        return _build(root, target, jobs, say)
+
+
+def _build(root: Path, target: Path, jobs: int | None, say: Callable[[str], None]) -> Path:
     src = source_dir()
     if not (src / "CMakeLists.txt").is_file():
         say(f"Fetching the llama.cpp sources ({LLAMA_CPP_PYTHON} sdist from PyPI)...")
