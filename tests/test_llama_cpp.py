@@ -358,3 +358,41 @@ def test_the_lora_field_applies_only_the_chosen_adapter():
     assert server.lora_field(None) == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
     fields = llama_cpp.llama_fields(GenerationParams(top_k=0), server.lora_field(None))
     assert fields["top_k"] == 0 and fields["cache_prompt"] and len(fields["lora"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters exported for the engine
+
+
+@pytest.mark.slow
+def test_export_writes_a_gguf_lora_with_every_lora_tensor(models_dir, html_adapters):
+    from gguf import GGUFReader
+
+    from finetune.__main__ import main
+    from tests.conftest import install_adapter
+
+    if not (llama_cpp.source_dir() / "convert_lora_to_gguf.py").is_file():
+        from tests.conftest import skip_or_fail
+
+        skip_or_fail(f"llama.cpp's sources are not built here; run: {llama_cpp.BUILD_COMMAND}")
+    run = install_adapter(html_adapters["ad-a"], models_dir)
+    assert main(["export", "--gguf", "--adapter", "ad-a"]) == 0
+    reader = GGUFReader(str(run / "adapter.gguf"))
+    kind = reader.fields["general.type"]
+    assert bytes(kind.parts[kind.data[0]]).decode() == "adapter"
+    names = {t.name for t in reader.tensors}
+    peft_pairs = 2 * 2  # demo-html: 2 layers, q_proj and v_proj
+    assert len([n for n in names if n.endswith(".lora_a")]) == peft_pairs
+    assert len([n for n in names if n.endswith(".lora_b")]) == peft_pairs
+    assert not list(run.glob(".*partial"))
+
+
+def test_export_without_the_sources_names_the_build_command(models_dir, html_adapters, monkeypatch, capsys):
+    from finetune.__main__ import main
+    from tests.conftest import install_adapter
+
+    install_adapter(html_adapters["ad-a"], models_dir)
+    monkeypatch.setenv("BABL_CACHE_DIR", str(models_dir / "empty-cache"))
+    assert main(["export", "--gguf", "--adapter", "ad-a"]) == 1
+    assert "run: python -m babl_core engines build llama.cpp" in capsys.readouterr().err
+    assert main(["export", "--adapter", "ad-a"]) == 2  # no format named
