@@ -283,6 +283,9 @@ class LlamaServer:
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self.log_path: Path | None = None
+        self.in_flight = 0  # answers streaming from it now
+        self._count_lock = threading.Lock()
+        self._lora_stamps: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -340,6 +343,7 @@ class LlamaServer:
                                           stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         with _running_lock:
             _running.add(self)
+        self._lora_stamps = {p: _mtime_ns(p) for p in self.loras}
         self._wait_healthy()
         log.info("llama-server for %s on port %d (pid %d)", self.name, self.port, self.process.pid)
 
@@ -379,7 +383,7 @@ class LlamaServer:
         """
         with self._lock:
             if self.alive():
-                return None
+                return self._reload_new_exports()
             if self.process is None:
                 self.start()
                 return None
@@ -393,6 +397,16 @@ class LlamaServer:
                 raise LlamaServerError(f"the llama.cpp server had stopped (exit code {code}) and did not "
                                        f"start again: {exc}") from exc  # fmt: skip
             return f"the llama.cpp server had stopped (exit code {code}); it was restarted for this answer"
+
+    def _reload_new_exports(self) -> str | None:
+        """Restart when an adapter was exported again since the start, unless an answer is streaming."""
+        changed = [p for p in self.loras if _mtime_ns(p) != self._lora_stamps.get(p)]
+        if not changed or self.in_flight:
+            return None
+        self.stop()
+        self.start()
+        names = ", ".join(p.parent.name for p in changed)
+        return f"the llama.cpp server was restarted to load the new export of {names}"
 
     def restart_with(self, loras: tuple[Path, ...]) -> None:
         """Restart with another adapter list (the cache calls this only while no answer runs)."""
@@ -467,11 +481,16 @@ class LlamaStream:
         self._inner.cancel()
 
     def __iter__(self) -> Iterator[str]:
+        with self.server._count_lock:
+            self.server.in_flight += 1
         try:
             yield from self._inner
         except GenerationError as exc:
             self._raise_if_died(exc)
             raise
+        finally:
+            with self.server._count_lock:
+                self.server.in_flight -= 1
         if not self._inner.completed and not self._inner.stop_event.is_set():
             # The stream ended without the server saying so: the connection closed under it.
             self.stats.finish_reason = "error"
@@ -492,6 +511,13 @@ class LlamaStream:
                 f"The llama.cpp server stopped in the middle of this answer (exit code {process.returncode}); "
                 "the text so far is kept, and it restarts for your next message."
             ) from cause
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def llama_fields(params: GenerationParams, lora: list[dict]) -> dict:

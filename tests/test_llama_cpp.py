@@ -441,3 +441,22 @@ def test_no_server_outlives_the_app(session_models_dir, tmp_path, how):
     finally:
         if app.poll() is None:
             stop_chainlit(app)
+
+
+def test_a_new_export_restarts_the_idle_server_for_the_next_answer(fake_engine):
+    run = fake_engine / "adapters" / "lora-a"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "adapter.gguf").write_bytes(b"GGUF lora")
+    service = service_for(entry(id="with-a", adapter="models/adapters/lora-a"))
+    session = ChatSession(model_id="with-a")
+    first = service.respond(session, "hi", max_new_tokens=2)
+    assert asyncio.run(collect(first)) == "[lora [0]] w1" and not first.notes
+    old_pid = the_server(service).pid
+    (run / "adapter.gguf").write_bytes(b"GGUF lora, trained again")
+    os.utime(run / "adapter.gguf", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    again = service.respond(session, "hi", max_new_tokens=2)
+    assert asyncio.run(collect(again)) == "[lora [0]] w1"
+    assert again.notes == ["the llama.cpp server was restarted to load the new export of lora-a"]
+    assert the_server(service).pid != old_pid and pid_gone(old_pid)
+    the_server(service).stop()
