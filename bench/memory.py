@@ -1,16 +1,17 @@
 """Memory per session: RSS with one session, and with eight sessions idle and active, on one model.
 
-    .venv/bin/python bench/memory.py [--repeats 3] [--tokens 128] [--sessions 8] [--tiny]
+    .venv/bin/python bench/memory.py [--model llama-105m|smollm2] [--repeats 3] [--tokens 128]
+                                     [--sessions 8] [--tiny]
 
 Each scenario runs in a fresh child process (RSS never shrinks back inside one), alternating
-one/eight over --repeats rounds; figures are medians. A child loads the ~105M random Llama (fp32)
-through ChatService and:
+one/eight over --repeats rounds; figures are medians. A child loads the ~105M random Llama (fp32; or
+SmolLM2-135M-Instruct, real weights, with `--model smollm2`) through ChatService and:
   one    one session answers (RSS sampled every 20 ms: the peak while answering, then idle)
   eight  eight sessions answer at once (peak while active, with the batch's KV-cache size sampled
          alongside), then sit idle with their histories
 Goal (issue 10): eight sessions ≤ 1.15× one session — weights are shared, never copied per session.
 The KV cache of the running batch grows with rows × tokens and is reported separately (peak MB).
-JSON: bench/results/memory.json.
+JSON: bench/results/memory.json (memory-smollm2.json for SmolLM2).
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ import threading
 import time
 from pathlib import Path
 
-from bench_models import PROMPTS, build_llama_105m, median, rss_mb, say, write_catalog, write_result
+from bench_models import (
+    PROMPTS,
+    add_model_option,
+    median,
+    model_dir,
+    result_name,
+    rss_mb,
+    say,
+    write_catalog,
+    write_result,
+)
 
-ENTRY = "bench-105m"
+ENTRY = "bench-model"  # the benchmark catalog's one entry, on the --model chosen
 
 
 class Sampler:
@@ -102,6 +113,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per answer (default 128)")
     parser.add_argument("--sessions", type=int, default=8, help="sessions in the busy scenario (default 8)")
     parser.add_argument("--tiny", action="store_true", help="the tiny demo-size Llama: a quick smoke run")
+    add_model_option(parser)
     parser.add_argument("--child", choices=("one", "eight"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -111,10 +123,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     rows: dict[str, list[dict]] = {"one": [], "eight": []}
     try:
-        model_dir = build_llama_105m(tmp / "llama-105m", tiny=args.tiny)
+        model_path = model_dir(args.model, tmp, tiny=args.tiny)
         env = {
             **os.environ,
-            "BABL_MODELS": str(write_catalog(tmp / "models.yaml", {ENTRY: {"base": model_dir}})),
+            "BABL_MODELS": str(write_catalog(tmp / "models.yaml", {ENTRY: {"base": model_path}})),
         }
         for rep in range(args.repeats):
             for scenario in ("one", "eight") if rep % 2 == 0 else ("eight", "one"):
@@ -158,7 +170,7 @@ def main() -> int:
     print(f"{'KV cache (peak)':<22} {one['kv_cache_peak_mb']:>8.1f}MB {eight['kv_cache_peak_mb']:>10.1f}MB")
     print(f"\ngoal {n} sessions ≤ 1.15× one: idle {ratios['idle_eight_vs_one']:.3f}×, active "
           f"{ratios['active_eight_vs_one']:.3f}× ({ratios['active_eight_minus_kv_vs_one']:.3f}× without the KV cache)")  # fmt: skip
-    path = write_result("memory", {"command": " ".join(sys.argv), "tokens": args.tokens, "sessions": n,
+    path = write_result(result_name("memory", args.model), {"command": " ".join(sys.argv), "model": args.model, "tokens": args.tokens, "sessions": n,
                                    "median": med, "ratios": ratios, "runs": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -1,16 +1,17 @@
 """Switching models: a warm switch (both cached) and a cold load against bare `from_pretrained`.
 
-    .venv/bin/python bench/switch.py [--repeats 5] [--tiny]
+    .venv/bin/python bench/switch.py [--model llama-105m|smollm2] [--repeats 5] [--tiny]
 
-In one process, with the ~105M random Llama (fp32) and the tiny demo Llama in a temporary catalog:
+In one process, with the ~105M random Llama (fp32; or SmolLM2-135M-Instruct, real weights, from its
+converted folder with `--model smollm2`) and the tiny demo Llama in a temporary catalog:
   warm  `ChatService.switch_model` between the two while both are in the cache (what a user waits
         for when changing the dropdown back and forth)
-  cold  `ChatService.switch_model` onto the 105M model with an empty cache (catalog check, load
+  cold  `ChatService.switch_model` onto the large model with an empty cache (catalog check, load
         plan, tokenizer, weights, footprint), alternating with a bare
         `AutoModelForCausalLM.from_pretrained(dir)` + `AutoTokenizer.from_pretrained(dir)`
 A first untimed round of each warms the OS page cache; figures are medians over --repeats.
 Goals (issue 10): warm switch ≤ 100 ms; cold load ≤ 1.1× bare from_pretrained.
-JSON: bench/results/switch.json.
+JSON: bench/results/switch.json (switch-smollm2.json for SmolLM2).
 """
 
 from __future__ import annotations
@@ -25,9 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_models import build_llama_105m, median, say, write_catalog, write_result
+from bench_models import (
+    add_model_option,
+    build_llama_105m,
+    median,
+    model_dir,
+    result_name,
+    say,
+    write_catalog,
+    write_result,
+)
 
-BIG, SMALL = "bench-105m", "bench-tiny"
+BIG, SMALL = "bench-model", "bench-tiny"  # the --model chosen, and the tiny demo-size Llama
 
 
 def main() -> int:
@@ -38,11 +48,12 @@ def main() -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="the tiny demo-size Llama only: a quick smoke run"
     )
+    add_model_option(parser)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="babl-bench-"))
     try:
-        big_dir = build_llama_105m(tmp / "llama-105m", tiny=args.tiny)
+        big_dir = model_dir(args.model, tmp, tiny=args.tiny)
         small_dir = build_llama_105m(tmp / "llama-tiny", tiny=True)
         os.environ["BABL_MODELS"] = str(
             write_catalog(tmp / "models.yaml", {BIG: {"base": big_dir}, SMALL: {"base": small_dir}})
@@ -114,7 +125,7 @@ def main() -> int:
     print(f"cold load via switch_model: {figures['cold_switch_ms']:.0f} ms; bare from_pretrained + tokenizer: "
           f"{figures['bare_from_pretrained_ms']:.0f} ms (model alone {figures['bare_model_only_ms']:.0f} ms)")  # fmt: skip
     print(f"cold / bare: {ratio:.2f}× (goal ≤ 1.1×)")
-    path = write_result("switch", {"command": " ".join(sys.argv), "median": figures, "cold_vs_bare": ratio,
+    path = write_result(result_name("switch", args.model), {"command": " ".join(sys.argv), "model": args.model, "median": figures, "cold_vs_bare": ratio,
                                    "runs": {"warm_s": warm, "cold_s": cold, "bare_s": bare_full,
                                             "bare_model_only_s": bare_model}})  # fmt: skip
     print(f"wrote {path}")

@@ -354,3 +354,18 @@ def test_babl_default_model_chooses_the_first_chat_model(monkeypatch):
     assert catalog.default_model(cuda=False).id == "demo-python"
     monkeypatch.setenv("BABL_DEFAULT_MODEL", "html-codellama")  # not servable offline: the rule applies
     assert catalog.default_model(cuda=False).id != "html-codellama"
+
+
+def test_verify_gguf_command_checks_the_catalogs_known_files(fake_package, tmp_path, monkeypatch, capsys):
+    from babl_core.__main__ import main
+
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump({"models": [entry(id="a"), entry(id="b", task="html")]}))
+    monkeypatch.setenv("BABL_MODELS", str(catalog_path))
+    setting = "pkg:fake_weights/model.gguf"
+    monkeypatch.setitem(gguf.KNOWN_SHA256, setting, gguf.file_sha256(fake_package / "model.gguf"))
+    assert main(["verify-gguf"]) == 0
+    assert capsys.readouterr().out.count("verified") == 1  # one file, however many entries use it
+    monkeypatch.setitem(gguf.KNOWN_SHA256, setting, "f" * 64)
+    assert main(["verify-gguf"]) == 1
+    assert "damaged or not the released one" in capsys.readouterr().err
