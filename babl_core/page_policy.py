@@ -32,6 +32,7 @@ import base64
 import gzip
 import hashlib
 import re
+from collections.abc import Sequence
 
 from babl_core.render import scripts_enabled
 
@@ -50,7 +51,7 @@ def script_hashes(html: str) -> list[str]:
     ]
 
 
-def policy(*, inline_script_hashes: list[str] = (), preview_scripts: bool | None = None) -> str:
+def policy(*, inline_script_hashes: Sequence[str] = (), preview_scripts: bool | None = None) -> str:
     """The app page's policy.
 
     Args:

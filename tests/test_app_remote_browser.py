@@ -36,8 +36,8 @@ def stubs():
             yield openai, leak
 
 
-@pytest.fixture(scope="module")
-def app_url(stubs, tmp_path_factory):
+def remote_app(stubs, tmp_path_factory, **extra_env):
+    """`chainlit run app.py` on a catalog of two remote entries (a context manager yielding the URL)."""
     require_playwright()
     openai, _ = stubs
     root = tmp_path_factory.mktemp("remote-app")
@@ -49,9 +49,14 @@ def app_url(stubs, tmp_path_factory):
     ]  # fmt: skip
     catalog.write_text(yaml.safe_dump({"models": entries}))
     (root / "models").mkdir()
-    env = server_env(root / "models", root / "data", BABL_MODELS=str(catalog))
-    log_path = root / "chainlit.log"
-    with chainlit_server(env=env, log_path=log_path) as url:
+    env = server_env(root / "models", root / "data", BABL_MODELS=str(catalog), **extra_env)
+    return chainlit_server(env=env, log_path=root / "chainlit.log"), root / "chainlit.log"
+
+
+@pytest.fixture(scope="module")
+def app_url(stubs, tmp_path_factory):
+    server, log_path = remote_app(stubs, tmp_path_factory)
+    with server as url:
         yield url
     log = log_path.read_text()
     assert "Traceback" not in log, log[-4000:]
@@ -152,3 +157,37 @@ def test_a_chats_url_opened_in_a_fresh_browser_shows_that_chat(browser, app_url)
         expect(page.locator('[data-step-type="user_message"]')).to_have_count(2)
     finally:
         context.close()
+
+
+def test_with_passwords_a_chats_url_asks_for_the_login_then_shows_that_chat(browser, stubs, tmp_path_factory):
+    from playwright.sync_api import expect
+
+    def log_in(page) -> None:
+        page.locator("#email").fill("alice")
+        page.locator("#password").fill("s3cret-pw")
+        page.get_by_role("button", name="Sign In").click()
+
+    server, _ = remote_app(stubs, tmp_path_factory, BABL_AUTH="alice:s3cret-pw")
+    with server as url:
+        context, page = fresh_page(browser)
+        try:
+            page.goto(url)
+            log_in(page)
+            expect(page.locator(ANSWERS).first).to_contain_text("Answering with", timeout=30000)
+            ask_and_wait(page, "remember the word heron", "Hello from model-")
+            page.wait_for_url("**/thread/**", timeout=30000)
+            chat_url = page.url
+        finally:
+            context.close()
+
+        context, page = fresh_page(browser)
+        try:
+            page.goto(chat_url)
+            page.wait_for_url("**/login", timeout=30000)  # the login first, not an empty chat
+            log_in(page)
+            page.wait_for_url(chat_url, timeout=30000)
+            expect(page.locator('[data-step-type="user_message"]')).to_contain_text(
+                "remember the word heron", timeout=30000
+            )
+        finally:
+            context.close()

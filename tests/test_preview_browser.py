@@ -378,3 +378,35 @@ def test_html_preview_element_in_chainlit(browser, server, chainlit_app):
         assert server.requests == []
     finally:
         context.close()
+
+
+@pytest.mark.slow
+def test_with_preview_scripts_on_the_element_runs_the_pages_script_under_the_app_policy(
+    browser, server, tmp_path_factory
+):
+    """BABL_PREVIEW_SCRIPTS=1 in Chainlit: the app page's policy then allows inline scripts, so the
+    preview's script runs (react-runner still draws the element), and still nothing is fetched."""
+    from playwright.sync_api import expect
+
+    log_path = tmp_path_factory.mktemp("chainlit-scripts") / "chainlit.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "BABL_TEST_LEAK_URL": server.url, "HF_HUB_OFFLINE": "1",
+           "BABL_PREVIEW_SCRIPTS": "1"}  # fmt: skip
+    with chainlit_server("tests/assets/preview_app.py", env=env, log_path=log_path) as url:
+        server.requests.clear()
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            response = page.goto(url)
+            assert (
+                "script-src 'self' 'unsafe-eval' 'unsafe-inline'"
+                in response.headers["content-security-policy"]
+            )
+            preview = page.get_by_test_id("html-preview")
+            expect(preview).to_have_count(1, timeout=30000)
+            assert preview.locator("iframe").get_attribute("sandbox") == "allow-scripts"
+            frame = preview.frame_locator("iframe")
+            expect(frame.locator("h1#headline")).to_have_text("script ran", timeout=10000)
+            page.wait_for_timeout(1000)
+            assert server.requests == [], f"the preview reached the server: {server.requests}"
+        finally:
+            context.close()
