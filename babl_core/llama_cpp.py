@@ -118,9 +118,10 @@ def missing_reason() -> str:
     chosen = os.environ.get(SERVER_ENV, "").strip()
     if chosen:
         return f"{SERVER_ENV}={chosen} is not an executable file; fix the path or unset it"
+    # The dropdown shows the text before the first ';' (60 characters): the command comes first.
     return (
-        f"the llama.cpp engine is not built yet; run: {BUILD_COMMAND} (once, about 15 minutes on 2 cores; "
-        f"needs cmake, ninja and g++), or set {SERVER_ENV} to a llama-server binary"
+        f"not built yet: {BUILD_COMMAND}; the llama.cpp engine builds once, about 15 minutes on 2 cores "
+        f"(cmake, ninja and g++), or set {SERVER_ENV} to a llama-server binary"
     )
 
 
