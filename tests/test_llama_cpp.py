@@ -111,7 +111,11 @@ def test_without_a_binary_the_entry_says_how_to_enable_the_engine(fake_engine, t
     from babl_core.chat_ui import model_choices
 
     label = model_choices([spec])[0].label  # the dropdown itself says how to enable it
-    assert label.endswith("unavailable: not built yet: python -m babl_core engines build llama.cpp"), label
+    # The dropdown's second line: the availability word and the whole reason, build command first.
+    reason_line = label.split("\n")[1]
+    assert reason_line.startswith(
+        "unavailable: not built yet: python -m babl_core engines build llama.cpp"
+    ), label
     monkeypatch.setenv("BABL_LLAMA_SERVER", str(tmp_path / "nope"))
     assert f"BABL_LLAMA_SERVER={tmp_path / 'nope'} is not an executable" in availability(spec).reason
     monkeypatch.setenv("BABL_LLAMA_SERVER", str(FAKE))
