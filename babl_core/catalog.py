@@ -28,8 +28,9 @@ BACKENDS = ("local", "openai")
 KINDS = ("causal", "seq2seq")
 QUANTIZATIONS = ("nf4", "int8", "none", "auto")
 DTYPES = ("float16", "bfloat16", "float32", "auto")
-# `auto` means transformers until a second local engine exists.
-ENGINES = ("transformers", "auto")
+# `auto` (opt-in) picks llama.cpp on CPU when its binary exists and every adapter has a GGUF export.
+ENGINES = ("transformers", "llama.cpp", "auto")
+LLAMA_CPP_OPTIONS = ("threads", "context", "parallel")
 # Kept here (not imported from prompts) so the catalog can be validated without importing torch.
 PROMPT_STYLES = ("alpaca-code", "codellama-inst", "t5-email", "t5-qa", "t5-code", "plain-chat", "chat-qa")
 SYSTEM_PROMPT_STYLES = ("codellama-inst", "plain-chat", "chat-qa")  # styles that send a system prompt
@@ -105,7 +106,8 @@ class ModelSpec:
     prefer_gpu: bool = False
     gguf_file: str | None = None
     system_prompt: str | None = None
-    engine: str = "auto"
+    engine: str = "transformers"
+    llama_cpp: dict = field(default_factory=dict, compare=False, hash=False)  # threads, context, parallel
     base_url: str | None = None
     api_key_env: str | None = None
     remote_model: str | None = None
@@ -153,7 +155,7 @@ class Availability:
 _FIELDS = {
     "id", "label", "task", "backend", "base", "adapter", "requires_adapter", "train_command", "kind",
     "quantization", "dtype", "prompt_style", "generation", "demo", "prefer_gpu", "base_url",
-    "api_key_env", "remote_model", "gguf_file", "system_prompt", "engine",
+    "api_key_env", "remote_model", "gguf_file", "system_prompt", "engine", "llama_cpp",
 }  # fmt: skip
 _GEN_FIELDS = set(CATALOG_NAMES)
 
@@ -223,12 +225,27 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
     for name, choices in (("kind", KINDS), ("quantization", QUANTIZATIONS), ("dtype", DTYPES)):
         _choice(problems, where, name, raw.get(name), choices)
     _choice(problems, where, "prompt_style", raw.get("prompt_style"), PROMPT_STYLES)
-    if raw.get("engine") == "llama.cpp":
+    _choice(problems, where, "engine", raw.get("engine"), ENGINES)
+    if raw.get("engine") in ("llama.cpp", "auto") and not raw.get("gguf_file"):
         problems.append(
-            f"{where}, field 'engine': llama.cpp is not available in this version; use transformers"
+            f"{where}, field 'engine': {raw['engine']} runs GGUF files; set gguf_file or use transformers"
         )
-    else:
-        _choice(problems, where, "engine", raw.get("engine"), ENGINES)
+    if raw.get("engine") == "llama.cpp" and backend != "local":
+        problems.append(f"{where}, field 'engine': llama.cpp runs here; remove it or use backend local")
+    options = raw.get("llama_cpp")
+    if options is not None:
+        if not isinstance(options, dict):
+            problems.append(
+                f"{where}, field 'llama_cpp': expected a mapping of {', '.join(LLAMA_CPP_OPTIONS)}"
+            )
+        else:
+            for key, value in options.items():
+                if key not in LLAMA_CPP_OPTIONS:
+                    problems.append(
+                        f"{where}, field 'llama_cpp.{key}': unknown; use {', '.join(LLAMA_CPP_OPTIONS)}"
+                    )
+                elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    problems.append(f"{where}, field 'llama_cpp.{key}': {value!r} is not a whole number ≥ 1")
     for name in ("requires_adapter", "demo", "prefer_gpu"):
         if name in raw and not isinstance(raw[name], bool):
             problems.append(f"{where}, field {name!r}: {raw[name]!r} is not true or false")
@@ -290,7 +307,8 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
         prefer_gpu=bool(raw.get("prefer_gpu", False)),
         gguf_file=raw.get("gguf_file") or None,
         system_prompt=raw.get("system_prompt") or None,
-        engine=raw.get("engine", "auto"),
+        engine=raw.get("engine") or "transformers",
+        llama_cpp=dict(raw.get("llama_cpp") or {}),
         base_url=raw.get("base_url"),
         api_key_env=raw.get("api_key_env"),
         remote_model=raw.get("remote_model"),
@@ -471,6 +489,12 @@ def availability(spec: ModelSpec) -> Availability:
                 )
             return Availability("needs-training", reason)
     base = _base_availability(spec)
+    if base.word != "unavailable" and spec.engine == "llama.cpp":
+        from babl_core import llama_cpp
+
+        problem = llama_cpp.availability_problem(spec)
+        if problem:
+            return Availability("unavailable", problem)
     if not spec.adapter or base.word == "unavailable":
         return base
     adapter = _where(spec, spec.adapter, "adapter", "adapter_config.json")
@@ -646,7 +670,8 @@ class Catalog:
             demo=twin.demo if twin else False,
             prefer_gpu=twin.prefer_gpu if twin else False,
             gguf_file=info.gguf_file,
-            engine=twin.engine if twin else "auto",
+            engine=twin.engine if twin else "transformers",
+            llama_cpp=dict(twin.llama_cpp) if twin else {},
             source="discovered",
             metrics=info.metrics,
         )

@@ -171,6 +171,13 @@ class ChatReply:
                     use_adapter=self.use_adapter,
                     on_wait=(lambda msg: loop.call_soon_threadsafe(status, msg)) if status else None,
                 )
+            restarted = None
+            if loaded is not None and loaded.plan.engine == "llama.cpp":
+                try:  # a llama-server that died is started again (seconds: not on the event loop)
+                    restarted = await asyncio.to_thread(loaded.model.ensure_running)
+                except BaseException:
+                    await asyncio.to_thread(service.cache.release, loaded)
+                    raise
             service._generation_started(remote=remote)
             try:
                 if remote:
@@ -179,6 +186,8 @@ class ChatReply:
                     # Rendering and trimming tokenize the conversation: a worker thread, never the event loop.
                     await asyncio.to_thread(self._prepare_local, loaded)
                     gen = self._start_local(loaded)
+                if restarted:
+                    self.notes.insert(0, restarted)
                 self.stats = gen.stats
                 async for chunk in _pump(gen, self.stop_event):
                     self.text += chunk
@@ -220,6 +229,10 @@ class ChatReply:
     def _start_local(self, loaded: LoadedModel):
         if self.prompt is None:
             self._prepare_local(loaded)
+        if loaded.plan.engine == "llama.cpp":  # the entry's prompt, streamed from its llama-server
+            return loaded.model.stream(
+                self.spec.id, self.prompt.text, self.params, self.stop_event, adapter=loaded.adapter_name
+            )
         return self.service.stream_fn(
             loaded, self.prompt.text, self.params, self.stop_event,
             add_special_tokens=self.prompt.add_special_tokens,

@@ -84,15 +84,21 @@ class LoadPlan:
     quantization: str  # nf4 | int8 | none — what we will try
     dtype: str  # compute dtype for nf4, weight dtype otherwise
     notes: tuple[str, ...] = ()
+    engine: str = "transformers"  # or llama.cpp: a managed llama-server runs the GGUF file as it is
 
     @property
-    def cache_key(self) -> tuple[str, str, str]:
-        return (self.quantization, self.dtype, self.device)
+    def cache_key(self) -> tuple[str, str, str, str]:
+        return (self.quantization, self.dtype, self.device, self.engine)
 
 
 def plan_load(spec: ModelSpec, device: str | None = None) -> LoadPlan:
     """Apply the quantization policy to an entry on a device (see the module docstring)."""
     import torch
+
+    from babl_core.llama_cpp import engine_for
+
+    if engine_for(spec) == "llama.cpp":  # the GGUF file's own precision, on llama.cpp's CPU backend
+        return LoadPlan(device="cpu", quantization="gguf", dtype="gguf", engine="llama.cpp")
 
     device = device or resolve_device()
     notes: list[str] = []
@@ -190,6 +196,11 @@ class LoadedModel:
 
     def describe(self) -> str:
         """What was loaded, e.g. "nf4 on cpu, 75 MB + adapter MG650/CodeLlama_HTML_FineTuned"."""
+        if self.plan.engine == "llama.cpp":
+            what = self.model.describe() if self.model is not None else "llama.cpp"
+            return f"{what}, {self.footprint_bytes / 1e6:.0f} MB" + (
+                f" + adapter {self.adapter_ref}" if self.adapter_ref else ""
+            )
         if self.plan.quantization == "nf4":
             what = f"nf4 (double quant, {self.plan.dtype} compute)"
         elif self.plan.quantization == "int8":
@@ -271,8 +282,12 @@ def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     _check(spec)
-    apply_thread_setting()
     plan = plan or plan_load(spec)
+    if plan.engine == "llama.cpp":
+        from babl_core.llama_cpp import load_server
+
+        return load_server(spec, plan)
+    apply_thread_setting()
     kind = detect_kind(spec)
     auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     notes = list(plan.notes)
@@ -326,6 +341,10 @@ def attach_adapter(loaded: LoadedModel, ref: str) -> LoadedModel:
     The first adapter wraps the base in a PeftModel; later ones are added with `load_adapter`, so a
     base in memory carries any number of adapters and each request picks its own.
     """
+    if loaded.plan.engine == "llama.cpp":
+        from babl_core.llama_cpp import attach_lora
+
+        return attach_lora(loaded, ref)
     from peft import PeftModel
 
     name = adapter_name_for(ref)

@@ -125,7 +125,8 @@ class RemoteStream:
     """Chunks of one answer from the remote server; `stats` is complete once iteration ends.
 
     With `prompt` the text is continued as is through `POST {base_url}/completions` (the API's raw
-    text completions); otherwise `messages` go to `/chat/completions`.
+    text completions); otherwise `messages` go to `/chat/completions`. `extra_body` adds fields a
+    particular server understands (the llama.cpp engine's sampling fields and per-request LoRA).
     """
 
     def __init__(
@@ -136,14 +137,18 @@ class RemoteStream:
         stop_event=None,
         *,
         prompt: str | None = None,
+        extra_body: dict | None = None,
     ):
         self.spec = spec
         self.params = params.validate()
         self.stop_event = stop_event or threading.Event()
         self.route = "/chat/completions" if prompt is None else "/completions"
         self.body, self.notes = request_body(spec, messages, self.params, prompt)
+        if extra_body:  # a server's own fields (llama-server: top_k, repeat_penalty, lora)
+            self.body |= extra_body
         self.stats = GenerationStats()
         self.text = ""
+        self.completed = False  # the server said the answer ended ([DONE] or a finish_reason)
         self._started = False
 
     def cancel(self) -> None:
@@ -190,6 +195,7 @@ class RemoteStream:
                     if event is None:
                         continue
                     if event == "[DONE]":
+                        self.completed = True
                         break
                     usage = event.get("usage") or {}
                     if usage:
@@ -208,6 +214,7 @@ class RemoteStream:
                                 reason = "stop"
                                 return
                         reason = choice.get("finish_reason") or reason
+                        self.completed = self.completed or reason is not None
                 tail = matcher.flush()
                 if tail:
                     yield self._emit(tail)

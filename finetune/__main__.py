@@ -1,7 +1,8 @@
-"""`python -m finetune`: train | eval | predict | merge | experiment | data.
+"""`python -m finetune`: train | eval | predict | merge | export | experiment | data.
 
     python -m finetune train --config configs/finetune/demo-python.yaml [--key value ...] [--dry-run]
     python -m finetune merge --adapter models/adapters/<run> [--out DIR] [--tolerance T]   # finetune.merge
+    python -m finetune export --gguf --adapter <run>   # a GGUF LoRA for the llama.cpp engine (finetune.export)
     python -m finetune eval --adapter demo-python-lora [--humaneval] [--limit N]
     python -m finetune predict --adapter demo-qa-squad [--num N | --query TEXT ...] [--json]
     python -m finetune experiment --config configs/finetune/demo-qa.yaml
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.merge import add_parser as add_merge_parser
 
     add_merge_parser(sub)
+    from finetune.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     _add_adapter_commands(sub)
     _add_data_command(sub)
     return parser

@@ -119,7 +119,7 @@ def test_bad_gguf_settings_are_reported_with_entry_and_fix():
             entry(id="a", gguf_file="pkg:/nothing.gguf"),
             entry(id="b", gguf_file="weights.bin"),
             entry(id="c", kind="seq2seq"),
-            entry(id="d", engine="llama.cpp"),
+            entry(id="d", engine="llama-cpp"),
             entry(id="e", task="email", prompt_style="t5-email", system_prompt="Be nice."),
         ]
     }
@@ -129,7 +129,7 @@ def test_bad_gguf_settings_are_reported_with_entry_and_fix():
     assert "entry 'a' (#1), field 'gguf_file'" in text and "pkg:<import name>/<file inside it>" in text
     assert "entry 'b' (#2), field 'gguf_file'" in text and "does not end in .gguf" in text
     assert "entry 'c' (#3), field 'kind'" in text and "use causal" in text
-    assert "entry 'd' (#4), field 'engine'" in text and "use transformers" in text
+    assert "entry 'd' (#4), field 'engine'" in text and "did you mean 'llama.cpp'?" in text
     assert "entry 'e' (#5), field 'system_prompt'" in text and "t5-email" in text
 
 
