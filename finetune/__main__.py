@@ -206,7 +206,7 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, str], unknown: li
 
 
 def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
-    """Seed 004: train and evaluate a question-answering recipe with and without context; write the table."""
+    """The context experiment: train and evaluate a question-answering recipe with and without context; write the table."""
 
     def work() -> int:
         from pathlib import Path

@@ -551,7 +551,7 @@ def validate(config: FinetuneConfig) -> list[str]:
 
 
 def has_context_field(style_name: str) -> bool:
-    """Whether a prompt style reads an optional context passage (the styles seed 004's experiment uses)."""
+    """Whether a prompt style reads an optional context passage (the styles the context experiment uses)."""
     from babl_core.prompts import get_style
 
     return "context" in get_style(style_name).optional_fields
