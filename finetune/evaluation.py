@@ -44,6 +44,7 @@ from typing import Any
 
 from babl_core import settings, words
 from finetune.config import FinetuneConfig, build_config, read_yaml
+from finetune.model_card import TASK_METRIC_NAMES
 
 log = logging.getLogger("finetune")
 
@@ -786,12 +787,7 @@ def write_results(target: EvalTarget, report: EvalReport) -> Path:
 METRIC_LABELS = {
     "loss": "loss (per answer token)",
     "perplexity": "perplexity",
-    "exact_match": "exact match",
-    "f1": "F1",
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L",
-    "html_valid_fraction": "valid HTML5",
+    **TASK_METRIC_NAMES,
 }
 
 

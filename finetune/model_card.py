@@ -41,15 +41,19 @@ HYPER_PARAMETERS = (
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_length", "max_target_length", "loss_on_prompt", "packing", "with_context", "seed",
 )  # fmt: skip
-METRIC_NAMES = {
-    "train_loss": "train loss",
-    "eval_loss": "eval loss",
+# The task metrics' names, shared with eval's terminal table (finetune/evaluation.py: METRIC_LABELS).
+TASK_METRIC_NAMES = {
     "exact_match": "exact match",
     "f1": "F1",
     "rouge1": "ROUGE-1",
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
     "html_valid_fraction": "valid HTML5",
+}
+METRIC_NAMES = {
+    "train_loss": "train loss",
+    "eval_loss": "eval loss",
+    **TASK_METRIC_NAMES,
     "eval": "evaluation",
     "split": "held-out rows",
     "humaneval": "HumanEval",
