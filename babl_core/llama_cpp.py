@@ -231,6 +231,14 @@ class _Spawner:
 
 
 _spawner = _Spawner()
+
+
+def spawn_tied(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(argv, **kwargs)` for a child that must end when Babl ends, however it ends
+    (training jobs use it too: `babl_core.jobs`)."""
+    return _spawner.popen(argv, **kwargs)
+
+
 _running: set[LlamaServer] = set()
 _running_lock = threading.Lock()
 
