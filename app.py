@@ -15,7 +15,17 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import auth, chat_ui, history, local_login, page_policy, session_files, tunnel
+from babl_core import (
+    auth,
+    chat_ui,
+    history,
+    local_login,
+    page_policy,
+    session_files,
+    train_chat,
+    train_ui,
+    tunnel,
+)
 from babl_core.admission import Limits
 from babl_core.api import register_api
 from babl_core.catalog import ModelSpec
@@ -220,7 +230,7 @@ async def _load(state: chat_ui.UiState, spec: ModelSpec) -> tuple[str | None, st
 
 @cl.on_chat_start
 async def start_chat() -> None:
-    await cl.context.emitter.set_commands(chat_ui.COMMANDS)
+    await cl.context.emitter.set_commands(chat_ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
     state = await _new_state(choices)
     choice = chat_ui.find_choice(choices, state.chat.model_id) if state else None
@@ -230,7 +240,7 @@ async def start_chat() -> None:
 @cl.on_chat_resume
 async def resume_chat(thread: dict) -> None:
     # Chainlit shows the stored messages; the session gets back its conversation, model and settings.
-    await cl.context.emitter.set_commands(chat_ui.COMMANDS)
+    await cl.context.emitter.set_commands(chat_ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
     default = await asyncio.to_thread(service().catalog.default_model)
     state, notes = history.resumed_state(thread, choices, chat_ui.default_choice(choices, default))
@@ -277,6 +287,13 @@ async def update_settings(values: dict) -> None:
 @cl.on_message
 async def answer(message: cl.Message) -> None:
     svc = service()
+    training, rest = train_chat.command_of(message.command, message.content)
+    if training:  # /train and /jobs: babl_core.train_chat
+        if training == train_ui.TRAIN_COMMAND:
+            await train_chat.train(rest, [e for e in message.elements if getattr(e, "path", None)])
+        else:
+            await train_chat.jobs_list()
+        return
     command = chat_ui.command_of(message.command, message.content)
     if command:
         if not message.content.strip():
@@ -400,6 +417,10 @@ async def compare_with_base(action: cl.Action) -> None:
     if action.payload.get("answer") != state.answers:
         await _error("Compare works on the latest answer only: ask again to compare a new answer.")
         return
+    await _compare(state)
+
+
+async def _compare(state: chat_ui.UiState) -> None:
     await _remove_compare_button(state)
     stop_event = state.new_stop_event()
     await cl.context.emitter.task_start()  # action callbacks get no stop button by themselves
@@ -418,6 +439,60 @@ async def compare_with_base(action: cl.Action) -> None:
         await _error(chat_ui.error_text(exc))
     finally:
         await cl.context.emitter.task_end()
+
+
+# --- training from the chat (babl_core.train_chat) -------------------------------------------------
+@cl.action_callback(train_chat.STOP_ACTION)
+async def stop_training(action: cl.Action) -> None:
+    await train_chat.stop_job(action)
+
+
+@cl.action_callback(train_chat.RESUME_ACTION)
+async def resume_training(action: cl.Action) -> None:
+    await train_chat.resume_job(action)
+
+
+async def _switch_to(model_id: str) -> chat_ui.UiState | None:
+    """Switch this chat to `model_id` as the settings' dropdown would (the listing finds new adapters)."""
+    choices = await _listing()
+    state = _state() or await _new_state(choices)
+    choice = chat_ui.find_choice(choices, model_id)
+    if state is None or choice is None:
+        await _error(f"`{model_id}` is not in the model list (was its folder removed?).")
+        return None
+    previous = chat_ui.find_choice(choices, state.chat.model_id)
+    description, failure = await _load(state, choice.spec)
+    if failure:
+        await _error(f"Could not switch to `{model_id}`: {failure}")
+        return None
+    changed, kept = chat_ui.settings_for_new_model(state, choice.spec)
+    task_changed = previous is None or previous.spec.task != choice.spec.task
+    await _send_settings(state, choices)
+    text = chat_ui.switched_text(
+        choice.spec, description, task_changed=task_changed, changed=changed, kept=kept
+    )
+    await cl.Message(content=text, author="Babl").send()
+    return state
+
+
+@cl.action_callback(train_chat.CHAT_ACTION)
+async def chat_with_adapter(action: cl.Action) -> None:
+    await _switch_to(action.payload["model"])
+
+
+@cl.action_callback(train_chat.COMPARE_ACTION)
+async def compare_adapter(action: cl.Action) -> None:
+    # The adapter answers the task's example question, then the base the same prompt (Compare with base).
+    state = await _switch_to(action.payload["model"])
+    if state is None:
+        return
+    question = train_ui.example_question(action.payload.get("task"))
+    asked = await cl.Message(content=f"Asking it: *{question}*", author="Babl").send()
+    state.begin_turn(asked.id)
+    state.new_stop_event()
+    await _answer_turn(state, question, asked.id)
+    if state.compare_action is not None:
+        await _compare(state)
 
 
 @cl.on_stop

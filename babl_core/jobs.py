@@ -107,6 +107,7 @@ class Job:
     note: str = ""  # why it failed, or what to do next
     resumable: bool = False
     resumes: str | None = None  # the job id this one continues
+    pid: int | None = None  # the run's process while it runs
 
     @property
     def folder(self) -> Path:
@@ -429,6 +430,7 @@ class JobRunner:
         self._running = job
         job.state = RUNNING
         job.started = time.time()
+        job.pid = self._process.pid
         job.save()
 
     def _ended(self, job: Job, code: int) -> None:
