@@ -167,7 +167,9 @@ class Job:
     def resume_command(self) -> str:
         options = {**self.overrides, "resume": "true"}
         options.pop("overwrite", None)
-        return "python -m finetune train --config " + " ".join(
+        from finetune.outputs import python_command  # the checkout's .venv/bin/python, as the CLI says it
+
+        return f"{python_command()} -m finetune train --config " + " ".join(
             [self.recipe, *(f"--{key} {value}" for key, value in options.items())]
         )
 

@@ -273,7 +273,10 @@ def progress_markdown(job: jobs.Job, progress: jobs.Progress, *, position: int |
     if job.state == jobs.RUNNING and progress.seconds_left is not None:
         parts.append(f"about {jobs.format_seconds(progress.seconds_left)} left")
     state = jobs.STATE_WORDS.get(job.state, job.state)
-    text = f"{title} — {state}" + (f": {' · '.join(parts)}" if parts else "")
+    if job.state == jobs.RUNNING:  # the title says it trains: the figures follow it directly
+        text = f"{title} — {' · '.join(parts)}"
+    else:
+        text = f"{title} — {state}" + (f": {' · '.join(parts)}" if parts else "")
     if job.note and job.state not in (jobs.FINISHED,):
         text += f"\n\n{job.note}"
     return text
