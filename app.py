@@ -235,6 +235,7 @@ async def start_chat() -> None:
     state = await _new_state(choices)
     choice = chat_ui.find_choice(choices, state.chat.model_id) if state else None
     await cl.Message(content=chat_ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
+    await train_chat.show_active()  # a run of this user's still training: its progress, here too
 
 
 @cl.on_chat_resume

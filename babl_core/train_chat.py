@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import chainlit as cl
@@ -18,6 +19,7 @@ log = logging.getLogger("babl.train")
 
 STOP_ACTION, RESUME_ACTION, CHAT_ACTION, COMPARE_ACTION = "stop_training", "resume_training", "chat_with_adapter", "compare_adapter"  # fmt: skip
 POLL_S = 1.0
+CURVE_EVERY_S = 3.0
 WATCHERS = "babl_train_watchers"
 ASK_TIMEOUT_S = 600
 UPLOAD_TYPES = {"application/jsonl": [".jsonl"], "application/x-ndjson": [".jsonl"],
@@ -66,7 +68,8 @@ async def train(rest: str, attachments: list) -> None:
     words = rest.split()
     recipe = train_ui.find_recipe(words[0], choices) if words else None
     if words and recipe is None and "=" not in words[0]:
-        await _say(f"No recipe {words[0]!r} here; send /train and pick one.")
+        names = ", ".join(f"`{choice.name}`" for choice in choices)
+        await _say(f"No recipe {words[0]!r} here. The recipes: {names}; or send /train alone and pick one.")
         return
     if recipe is None:
         recipe = await _ask_recipe(choices)
@@ -89,7 +92,9 @@ async def train(rest: str, attachments: list) -> None:
             )
             return
     values = await asyncio.to_thread(train_ui.form_defaults, recipe)
-    reply = " ".join(words[1:]) if words else None
+    # Settings typed after the command (`/train demo-python steps=20`) answer the settings question.
+    typed = [word for word in words if "=" in word]
+    reply = " ".join(typed) if words else None
     job_id = jobs.new_job_id()
     folder = jobs.jobs_dir() / jobs.user_folder(user) / job_id
     stored = folder / "rows.jsonl" if upload_path else None  # checked as JSON Lines above
@@ -200,7 +205,7 @@ async def follow(job_id: str) -> None:
     await stop.send(for_id=message.id)
     curve: cl.Image | None = None
     shown = None
-    points = -1
+    points, drawn_at = -1, 0.0
     while True:
         job = runner.get(job_id)
         progress = await asyncio.to_thread(jobs.read_progress, job.events_path)
@@ -210,7 +215,10 @@ async def follow(job_id: str) -> None:
             await message.update()
             shown = text
         count = len(progress.train_points) + len(progress.eval_points)
-        if count != points:
+        # Redrawn when the run logged more, at most every CURVE_EVERY_S (each picture is a new file).
+        ended = job.state not in jobs.ACTIVE
+        if count != points and (ended or time.monotonic() - drawn_at >= CURVE_EVERY_S):
+            drawn_at = time.monotonic()
             png = await asyncio.to_thread(train_ui.loss_curve_png, progress, job.run_name)
             if png is not None:
                 if curve is None:
@@ -219,7 +227,7 @@ async def follow(job_id: str) -> None:
                 else:
                     curve.content = png
                 await curve.send(for_id=message.id, persist=job.state not in jobs.ACTIVE)
-            points = count
+                points = count
         if job.state not in jobs.ACTIVE:
             break
         await asyncio.sleep(POLL_S)
@@ -240,6 +248,15 @@ async def _ended(job: jobs.Job) -> None:
         resume = cl.Action(name=RESUME_ACTION, payload={"job": job.id}, label="Resume", icon="play",
                            tooltip="Continue from the last checkpoint")  # fmt: skip
         await _say(f"`{job.run_name}` can continue from its checkpoint.", actions=[resume])
+
+
+async def show_active() -> None:
+    """A new chat (a reloaded page, a second tab) follows the user's run that is training or waiting."""
+    user, _ = _user()
+    runner = jobs.runner()
+    for job in runner.jobs(user):
+        if job.state in jobs.ACTIVE:
+            watch(job.id)
 
 
 async def jobs_list() -> None:

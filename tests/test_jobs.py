@@ -249,3 +249,14 @@ def test_the_job_process_ends_when_the_app_ends(tmp_path, data_dir, how):
         wait_for(gone, 15, "the job process to end")
     finally:
         app.kill()
+
+
+def test_the_commands_are_read_typed_or_picked_from_the_menu():
+    from babl_core.train_chat import command_of
+
+    assert command_of(None, "/train") == ("train", "")
+    assert command_of(None, "/train demo-python steps=20") == ("train", "demo-python steps=20")
+    assert command_of("train", "demo-python") == ("train", "demo-python")
+    assert command_of(None, " /JOBS ") == ("jobs", "")
+    assert command_of(None, "/trainer") == (None, "/trainer")
+    assert command_of(None, "how do I /train?") == (None, "how do I /train?")

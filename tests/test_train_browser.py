@@ -90,7 +90,7 @@ def test_train_from_the_chat(session_models_dir, tmp_path):
     try:
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
             try:
                 page.goto(url)
                 page.locator(ANSWERS).filter(has_text="Answering with").first.wait_for(timeout=60000)
@@ -123,6 +123,20 @@ def _zombie(pid: int) -> bool:
 
 
 def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
+    # --- a bad upload: one clear message, no job ----------------------------------------------------
+    bad = data_dir.parent / "bad-rows.jsonl"
+    bad.write_text('{"instruction": "add two numbers"}\n')
+    page.locator("#chat-input").fill("/train")
+    page.locator("#chat-input").press("Enter")
+    page.get_by_role("button", name=RECIPE).click(timeout=30000)
+    page.get_by_role("button", name="Upload a JSONL file").click(timeout=30000)
+    page.locator(ANSWERS).filter(has_text="Upload the JSONL file").last.wait_for(timeout=30000)
+    page.locator('input[type="file"]').last.set_input_files(str(bad))
+    refused = page.locator(ANSWERS).filter(has_text="Nothing was started")
+    refused.last.wait_for(timeout=30000)
+    assert "column 'output' is missing or empty on line 1" in refused.last.inner_text()
+    assert job_records(data_dir) == {}
+
     # --- a first run, followed live, then stopped ---------------------------------------------------
     start_training(page, _rows(data_dir), "steps=5000 name=first-run")
     progress = page.locator(ANSWERS).filter(has_text="Training first-run")
@@ -166,6 +180,8 @@ def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
     assert page.get_by_role("option", name=re.compile("second-run")).count() >= 1
     page.keyboard.press("Escape")
     page.keyboard.press("Escape")
+    page.get_by_role("button", name="Compare with base").first.click()  # the trained run's message
+    page.locator(ANSWERS).filter(has_text="The same prompt on the base model").last.wait_for(timeout=60000)
 
     # --- /jobs, and a run left going for the app's stop ------------------------------------------
     send(page, "/jobs")
@@ -177,6 +193,11 @@ def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
     wait_until(
         lambda: job_records(data_dir).get("third-run", {}).get("state") == "running", 60, "the third run"
     )
+    # A second tab follows the running run too.
+    other = page.context.new_page()
+    other.goto(page.url.split("/thread")[0])
+    other.locator(ANSWERS).filter(has_text="Training third-run").first.wait_for(timeout=60000)
+    other.close()
 
 
 def _rows(data_dir: Path) -> Path:
