@@ -288,14 +288,8 @@ async def update_settings(values: dict) -> None:
 @cl.on_message
 async def answer(message: cl.Message) -> None:
     svc = service()
-    training, rest = train_chat.command_of(message.command, message.content)
-    if training:  # /train and /jobs: babl_core.train_chat
-        if training == train_ui.TRAIN_COMMAND:
-            await train_chat.train(rest, [e for e in message.elements if getattr(e, "path", None)])
-        else:
-            await train_chat.jobs_list()
-        return
-    command = chat_ui.command_of(message.command, message.content)
+    training, rest = train_chat.command_of(message.command, message.content)  # /train, /jobs
+    command = training or chat_ui.command_of(message.command, message.content)
     if command:
         if not message.content.strip():
             # Picked from the command menu, the message is empty: an empty pill in the chat. Say
@@ -305,7 +299,11 @@ async def answer(message: cl.Message) -> None:
         state = _state()
         if state is not None and not state.named_by:
             state.named_by = "command"
-        if command == chat_ui.STATUS_COMMAND:
+        if training == train_ui.TRAIN_COMMAND:
+            await train_chat.train(rest, [e for e in message.elements if getattr(e, "path", None)])
+        elif training == train_ui.JOBS_COMMAND:
+            await train_chat.jobs_list()
+        elif command == chat_ui.STATUS_COMMAND:
             status = await asyncio.to_thread(svc.status)
             names = chat_ui.status_names(await asyncio.to_thread(svc.catalog.list))
             await cl.Message(content=chat_ui.status_markdown(status, names), author="Babl").send()
