@@ -257,8 +257,12 @@ def progress_markdown(job: jobs.Job, progress: jobs.Progress, *, position: int |
     """The one message that follows a job: state, step / total, losses and time left."""
     title = f"**Training `{job.run_name}`**"
     if job.state == jobs.QUEUED:
-        ahead = count(position - 1, "run") if position else "another run"
-        return f"{title} — waiting: position {position or '?'} in the queue ({ahead} ahead of it)."
+        # Position 1 waits for the run training now; each position further waits for one more run.
+        ahead = count(position, "run") if position else "another run"
+        return (
+            f"{title} — waiting: position {position or '?'} in the queue; it starts when the {ahead} "
+            f"ahead of it {'ends' if position in (1, None) else 'end'} (one run trains at a time)."
+        )
     parts = []
     if progress.total:
         parts.append(f"step {progress.step} / {progress.total}")

@@ -132,7 +132,7 @@ def test_a_second_job_waits_with_its_position(data_dir, models_dir, monkeypatch)
     assert "`second` | demo-python | waiting (position 1)" in text
     assert "`first` | demo-python | training" in text
     queued = train_ui.progress_markdown(runner.get(third.id), jobs.Progress(), position=2)
-    assert "position 2 in the queue (1 run ahead of it)" in queued
+    assert "position 2 in the queue; it starts when the 2 runs ahead of it end" in queued
     runner.stop(second.id)  # a queued job is cancelled
     assert runner.get(second.id).state == jobs.CANCELLED and runner.position(third.id) == 1
     runner.stop(first.id)  # the sleeper dies of SIGINT: stopped, nothing to resume
