@@ -288,6 +288,7 @@ class LlamaServer:
         self._count_lock = threading.Lock()
         self._lora_stamps: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.http = None  # one keep-alive client for every answer while it runs (see `start`)
 
     @property
     def config(self):
@@ -345,6 +346,11 @@ class LlamaServer:
         with _running_lock:
             _running.add(self)
         self._lora_stamps = {p: _mtime_ns(p) for p in self.loras}
+        # One client for all answers: a client per answer builds a TLS context (tens of ms of CPU, taken
+        # from the server's own cores on a small machine) and a new connection before its first token.
+        import httpx
+
+        self.http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=2 * self.settings.parallel))
         self._wait_healthy()
         log.info("llama-server for %s on port %d (pid %d)", self.name, self.port, self.process.pid)
 
@@ -429,6 +435,9 @@ class LlamaServer:
         self._forget()
 
     def _forget(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
         with _running_lock:
             _running.discard(self)
 
@@ -464,7 +473,7 @@ class LlamaStream:
 
         self.server = server
         endpoint = _Endpoint(spec_id, server.base_url, server.gguf_path.name)
-        self._inner = RemoteStream(endpoint, [], params, stop_event, prompt=prompt,
+        self._inner = RemoteStream(endpoint, [], params, stop_event, prompt=prompt, client=server.http,
                                    extra_body=llama_fields(params, server.lora_field(adapter)))  # fmt: skip
         self.notes = []  # llama-server takes top_k and repeat_penalty: nothing is left unsent
         self.stats = self._inner.stats
@@ -522,8 +531,14 @@ def _mtime_ns(path: Path) -> int:
 
 
 def llama_fields(params: GenerationParams, lora: list[dict]) -> dict:
-    """Fields llama-server's /completions takes beyond the OpenAI ones."""
-    fields: dict = {"top_k": params.top_k, "repeat_penalty": params.repetition_penalty, "cache_prompt": True}
+    """Fields llama-server's /completions takes beyond the OpenAI ones.
+
+    Greedy answers (temperature 0) with top-k off send `top_k: 1`: the same token (the most likely
+    one, after the repetition penalty), but llama.cpp's sampler chain then works on one candidate
+    instead of softmaxing and sorting the whole vocabulary for top-p on every token of every slot.
+    """
+    top_k = 1 if params.temperature == 0 and params.top_k == 0 else params.top_k
+    fields: dict = {"top_k": top_k, "repeat_penalty": params.repetition_penalty, "cache_prompt": True}
     if lora:
         fields["lora"] = lora
     return fields

@@ -17,6 +17,7 @@ chunks). `probe()` tells the catalog whether an entry's server answers (2 s, rem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -127,6 +128,8 @@ class RemoteStream:
     With `prompt` the text is continued as is through `POST {base_url}/completions` (the API's raw
     text completions); otherwise `messages` go to `/chat/completions`. `extra_body` adds fields a
     particular server understands (the llama.cpp engine's sampling fields and per-request LoRA).
+    `client` is a long-lived `httpx.Client` to reuse (kept open here); without it each answer opens
+    its own, which costs a TLS context and a new connection per answer.
     """
 
     def __init__(
@@ -138,8 +141,10 @@ class RemoteStream:
         *,
         prompt: str | None = None,
         extra_body: dict | None = None,
+        client=None,
     ):
         self.spec = spec
+        self._client = client
         self.params = params.validate()
         self.stop_event = stop_event or threading.Event()
         self.route = "/chat/completions" if prompt is None else "/completions"
@@ -177,10 +182,12 @@ class RemoteStream:
         chunks = 0
         done = threading.Event()
         try:
+            limits = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)
+            own = contextlib.nullcontext(self._client) if self._client else httpx.Client(timeout=limits)
             with (
-                httpx.Client(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)) as client,
+                own as client,
                 client.stream(
-                    "POST", _url(spec, self.route), json=self.body, headers=request_headers
+                    "POST", _url(spec, self.route), json=self.body, headers=request_headers, timeout=limits
                 ) as response,
             ):
                 if response.status_code != 200:

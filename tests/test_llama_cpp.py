@@ -368,6 +368,44 @@ def test_the_lora_field_applies_only_the_chosen_adapter():
     assert fields["top_k"] == 0 and fields["cache_prompt"] and len(fields["lora"]) == 2
 
 
+@pytest.mark.parametrize(
+    "temperature, top_k, sent",
+    [(0.0, 0, 1), (0.0, 7, 7), (0.7, 0, 0), (0.7, 40, 40)],
+)
+def test_greedy_answers_ask_llama_cpp_for_one_candidate(temperature, top_k, sent):
+    """Top-k off means the whole vocabulary to llama.cpp's sampler (softmax and sort on every token);
+    a greedy answer takes the most likely token anyway, so it sends top_k 1 (the same token)."""
+    params = GenerationParams(temperature=temperature, top_k=top_k)
+    assert llama_cpp.llama_fields(params, [])["top_k"] == sent
+
+
+def test_answers_share_one_client_and_its_connections(fake_engine, monkeypatch):
+    """A client per answer costs a TLS context and a connection before the first token: one per server."""
+    made = []
+    real_client = httpx.Client
+
+    def counting_client(*args, **kwargs):
+        made.append(kwargs)
+        return real_client(*args, **kwargs)
+
+    service = service_for(entry())
+
+    async def answer():
+        return await collect(service.respond(ChatSession(model_id="fast-chat"), "Make a red button"))
+
+    try:
+        assert asyncio.run(answer()).startswith("[lora []] w1")
+        monkeypatch.setattr(httpx, "Client", counting_client)
+        for _ in range(3):
+            assert asyncio.run(answer()) == "[lora []] w1 w2 w3 w4 w5 w6 w7"
+        assert made == []  # the server's own client answered all three
+        server = the_server(service)
+        assert server.http is not None and not server.http.is_closed
+    finally:
+        the_server(service).stop()
+    assert server.http is None  # closed with the server
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapters exported for the engine
 
