@@ -218,6 +218,42 @@ def test_stop_ends_that_request_on_the_server_and_no_other(fake_engine, monkeypa
     server_holder["s"].stop()
 
 
+def test_streaming_answers_share_one_stop_watcher(fake_engine, monkeypatch):
+    """A watcher thread per answer woke 20 times a second each, taking CPU from the server's threads;
+    one thread watches every answer, and an answer it no longer watches is forgotten."""
+    import threading
+
+    from babl_core import remote
+
+    monkeypatch.setenv("FAKE_LLAMA_DELAY_S", "0.02")
+    service = service_for(entry())
+    seen = {}
+
+    async def run():
+        await collect(
+            service.respond(ChatSession(model_id="fast-chat"), "start the server", max_new_tokens=2)
+        )
+        replies = [
+            service.respond(ChatSession(model_id="fast-chat"), f"q{i}", max_new_tokens=100) for i in range(4)
+        ]
+        tasks = [asyncio.ensure_future(collect(r)) for r in replies]
+        for _ in range(100):  # until all four stream
+            await asyncio.sleep(0.02)
+            if all(r.text for r in replies):
+                break
+        seen["watched"] = len(remote._stop_watcher._watched)
+        seen["threads"] = sorted(t.name for t in threading.enumerate() if "stop" in t.name)
+        return await asyncio.gather(*tasks)
+
+    texts = asyncio.run(run())
+    try:
+        assert all(t == "[lora []]" + "".join(f" w{i}" for i in range(1, 100)) for t in texts)
+        assert seen == {"watched": 4, "threads": ["babl-stop-watcher"]}
+        assert remote._stop_watcher._watched == {}
+    finally:
+        the_server(service).stop()
+
+
 def test_a_killed_server_gives_one_clear_message_and_the_next_answer_works(fake_engine, monkeypatch):
     from babl_core.llama_cpp import LlamaServerError
 
