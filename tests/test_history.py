@@ -519,3 +519,40 @@ def test_export_markdown_and_json():
     assert [f["name"] for f in files] == ["babl-write-add.md", "babl-write-add.json"]
     assert {f["mime"] for f in files} == {DOWNLOAD_MIME}
     assert json.loads(files[1]["content"])["messages"] == chat.messages
+
+
+def test_a_database_made_before_the_layout_move_opens_and_resumes_its_chats(tmp_path, models_dir):
+    """tests/assets/history-before-layout.db was written by the history code of before babl_core was
+    split into engine/web/storage (DDL strings): the schema of today opens it, adds nothing to it and
+    resumes its chat with the stored messages, model and settings."""
+    import shutil
+
+    path = tmp_path / "babl.db"
+    shutil.copy(REPO_ROOT / "tests" / "assets" / "history-before-layout.db", path)
+    url = f"sqlite+aiosqlite:///{path}"
+    assert history.prepare_database(url) == []
+    thread_id = "7d0c8a52-3c1e-4d35-9d6a-0b1d2b7c0f11"
+
+    async def read():
+        layer = history.BablDataLayer(url, history.LocalFileStorage(tmp_path / "files"))
+        try:
+            owner = await layer.thread_owner(thread_id)
+            return owner, await layer.get_thread(thread_id), list(layer.failures)
+        finally:
+            await layer.engine.dispose()
+
+    owner, thread, failures = run(read())
+    assert owner == "alice" and failures == []
+    choices = _choices()
+    state, notes = history.resumed_state(thread, choices, chat_ui.find_choice(choices, "demo-html"))
+    assert notes == []
+    assert state.chat.id == thread_id and state.chat.model_id == "demo-python"
+    assert state.chat.settings == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 64}
+    assert state.chat.system_prompt == "Be brief." and state.preview is False
+    assert [(m["role"], m["content"]) for m in state.chat.messages] == [
+        ("user", "a page"),
+        ("assistant", "<p>page</p>"),
+        ("user", "def add(a, b):"),
+        ("assistant", "return a + b"),
+    ]
+    assert state.chat.messages[-1]["stopped"] is True and len(state.marks) == 2
