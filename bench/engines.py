@@ -48,8 +48,8 @@ TRANSFORMERS = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "nf4"
 
 def gguf_files(precisions: list[str], work: Path) -> dict[str, Path]:
     """The GGUF file of each precision: the shipped Q4_1, and f32/bf16 converted once into `work`."""
-    from babl_core import gguf, llama_cpp
-    from babl_core.catalog import Catalog
+    from babl_core.engine import gguf, llama_cpp
+    from babl_core.engine.catalog import Catalog
 
     shipped = gguf.locate(gguf.parse_ref(SHIPPED, SMOLLM2))
     files = {"q4_1": shipped}
@@ -73,8 +73,8 @@ def lora_exports(work: Path) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from babl_core import gguf
-    from babl_core.catalog import Catalog
+    from babl_core.engine import gguf
+    from babl_core.engine.catalog import Catalog
     from finetune.export import export_gguf_lora
 
     base = gguf.converted_dir(Catalog.load().get("smollm2-chat"), "float32")
@@ -135,7 +135,7 @@ def main() -> int:
     parser.add_argument("--no-lora", action="store_true", help="skip the two-adapter row")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the child servers on the way out
-    from babl_core import llama_cpp
+    from babl_core.engine import llama_cpp
 
     binary = llama_cpp.find_server()
     if binary is None:

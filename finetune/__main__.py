@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
     if args.dry_run:
         return _dry_run(config)
 
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.loading import ModelUnavailable
     from finetune.data import DataError
     from finetune.outputs import RunInProgress
     from finetune.recipes import run_training
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
 
 def _dry_run(config) -> int:
     """Print formatted examples with their loss mask and the token-length distribution; train nothing."""
-    from babl_core.loading import ModelUnavailable, base_source, load_tokenizer, plan_load
+    from babl_core.engine.loading import ModelUnavailable, base_source, load_tokenizer, plan_load
     from finetune.data import DataError, describe_preview, prepare_data
     from finetune.factories import model_spec
 
@@ -138,9 +138,9 @@ def _dry_run(config) -> int:
 
 def _adapter_command(unknown: list[str], work) -> int:
     """Run `work()` for eval/predict/experiment, mapping their errors to exit codes and messages."""
-    from babl_core.chat import BadMessage
-    from babl_core.generation import GenerationError
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.generation import GenerationError
+    from babl_core.engine.loading import ModelUnavailable
+    from babl_core.engine.service import BadMessage
     from finetune.data import DataError
     from finetune.evaluation import EvalError
     from finetune.experiment import ExperimentError

@@ -19,7 +19,7 @@ with the fix in the message.
 
 The check: logits of base + adapter on a few examples in the adapter's prompt style (prompt and answer, so
 the answer positions count too) are computed before merging; the merged weights are saved to a staging
-directory, loaded back through `babl_core.loading` as the app would load them, and run on the same
+directory, loaded back through `babl_core.engine.loading` as the app would load them, and run on the same
 examples. The largest absolute logit difference is reported; above `--tolerance` (default by dtype:
 0.01 for float32, 0.05 for float16, 0.25 for bfloat16) the staged output is deleted and the command exits
 1. Only a checked merge is renamed into place, so `models/merged/` never holds an unchecked export.
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from babl_core import settings, words
+from babl_core import settings
+from babl_core.engine import words
 
 log = logging.getLogger("finetune")
 
@@ -205,7 +206,7 @@ def resolve_adapter_dir(value: str) -> Path:
 
 def quantized_checkpoint_reason(base: str) -> str | None:
     """Why `base` is a checkpoint saved quantized (its config.json has a quantization_config), or None."""
-    from babl_core.catalog import hub_cached_dir, looks_like_path
+    from babl_core.engine.catalog import hub_cached_dir, looks_like_path
 
     config_dir = settings.resolve_path(base) if looks_like_path(base) else hub_cached_dir(base)
     if config_dir is None or not (config_dir / "config.json").is_file():
@@ -226,7 +227,7 @@ def quantized_checkpoint_reason(base: str) -> str | None:
 
 def _catalog_twin(adapter_dir: Path, base: str):
     """The catalog entry serving this adapter (claimed or discovered), or one on the same base, or None."""
-    from babl_core.catalog import Catalog, CatalogError
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     try:
         catalog = Catalog.load()
@@ -263,8 +264,8 @@ def plan_merge(
     Raises:
         MergeError: every problem found, in one message.
     """
-    from babl_core.catalog import DEFAULT_STYLE_FOR_TASK, ModelSpec, detect_kind
-    from babl_core.devices import resolve_device
+    from babl_core.engine.catalog import DEFAULT_STYLE_FOR_TASK, ModelSpec, detect_kind
+    from babl_core.engine.devices import resolve_device
 
     problems: list[str] = []
     if quantization in QUANTIZED:
@@ -361,7 +362,7 @@ def check_inputs(tokenizer, *, style_name: str, kind: str) -> list[dict]:
     """Model inputs (CPU tensors) for the check: each example's prompt and answer in the adapter's style."""
     import torch
 
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     style = get_style(style_name)
     names = (*style.required_fields, *style.optional_fields)
@@ -432,8 +433,8 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
     """
     from peft import PeftModel
 
-    from babl_core.catalog import ModelSpec
-    from babl_core.loading import LoadPlan, load_base, release
+    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.loading import LoadPlan, load_base, release
     from finetune.factories import quiet_training_noise
 
     started = time.perf_counter()
@@ -617,7 +618,7 @@ def cmd_merge(args: argparse.Namespace, overrides: dict[str, str], unknown: list
         "merging %s into %s (%s on %s, unquantized)",
         settings.portable_path(plan.adapter_dir), plan.base, plan.dtype, plan.device,
     )  # fmt: skip
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.loading import ModelUnavailable
 
     try:
         result = merge_adapter(plan)

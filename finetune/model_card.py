@@ -126,7 +126,7 @@ def metrics_table(metrics: dict) -> list[str]:
 def _example_input(style_name: str, message: str) -> str | None:
     """The text the model is given for `message`, rendered by the run's prompt style as the app does."""
     try:
-        from babl_core.prompts import get_style
+        from babl_core.engine.prompts import get_style
 
         return get_style(style_name).render([{"role": "user", "content": message}], tokenizer=None)
     except Exception:  # a custom style that needs its tokenizer: the card just leaves the example out

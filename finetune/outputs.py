@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from babl_core import settings
-from babl_core.catalog import looks_like_path
+from babl_core.engine.catalog import looks_like_path
 from finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def refresh_model_card(directory: Path, *, location: Path | None = None) -> Path
     Call it after anything changes `babl.json`, so the card shows what the app reads. A README.md that
     someone else wrote (an adapter trained elsewhere) is left alone: returns None then.
     """
-    from babl_core.catalog import CatalogError
+    from babl_core.engine.catalog import CatalogError
     from finetune.config import claiming_entry
     from finetune.model_card import write_model_card
 
@@ -315,7 +315,7 @@ def final_report(config: FinetuneConfig, result) -> str:
     import math
     import shlex
 
-    from babl_core.words import count
+    from babl_core.engine.words import count
     from finetune.config import claiming_entry
     from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES
 
@@ -359,7 +359,7 @@ def final_report(config: FinetuneConfig, result) -> str:
 
 def _dropdown_label(model_id: str) -> str | None:
     """The label the app's model dropdown shows for `model_id` (None if the catalog cannot say)."""
-    from babl_core.catalog import Catalog, CatalogError, UnknownModel
+    from babl_core.engine.catalog import Catalog, CatalogError, UnknownModel
 
     try:
         return Catalog.load().get(model_id).display_label

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from babl_core import catalog as catalog_mod
-from babl_core.catalog import (
+from babl_core.engine import catalog as catalog_mod
+from babl_core.engine.catalog import (
     AVAILABILITY_WORDS,
     Catalog,
     CatalogError,
@@ -184,7 +184,7 @@ def test_broken_babl_json_is_skipped_with_a_warning(models_dir):
 
 
 def test_default_model_offline_is_the_first_usable_and_prefer_gpu_skipped_on_cpu(monkeypatch):
-    from babl_core import gguf
+    from babl_core.engine import gguf
 
     monkeypatch.delenv("BABL_DEFAULT_MODEL", raising=False)
     monkeypatch.setattr(gguf, "package_dir", lambda name: None)  # without the real weights' package

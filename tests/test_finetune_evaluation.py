@@ -124,7 +124,7 @@ def test_rows_without_tests_say_how_to_get_pass_at_k(trained, capsys):
 
 
 def test_eval_by_config_finds_the_run_and_the_app_lists_the_metrics(trained, capsys):
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     config = "configs/finetune/demo-email.yaml"
     assert main(["eval", "--config", config, "--limit", "2", "--eval_max_new_tokens", "8"]) == EXIT_OK
@@ -371,7 +371,7 @@ def test_sampled_answers_give_pass_at_k_with_their_own_seeds(trained):
 def test_predict_rows_are_seeded_and_are_what_the_app_answers(trained):
     import asyncio
 
-    from babl_core.chat import ChatService
+    from babl_core.engine.service import ChatService
     from finetune.prediction import predict
 
     first = predict(target_for("demo-qa-squad", eval_max_new_tokens=10), num=3)

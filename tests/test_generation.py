@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from babl_core.catalog import Catalog
-from babl_core.generation import (
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.generation import (
     GenerationError,
     GenerationParams,
     IncrementalDecoder,
@@ -16,7 +16,7 @@ from babl_core.generation import (
     generate_text,
     stream,
 )
-from babl_core.loading import load_model
+from babl_core.engine.loading import load_model
 from tests.conftest import REPO_ROOT
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from babl_core import gguf
-from babl_core.cache import ModelCache, cache_key
-from babl_core.catalog import (
+from babl_core.engine import gguf
+from babl_core.engine.cache import ModelCache, cache_key
+from babl_core.engine.catalog import (
     SYSTEM_PROMPT_STYLES,
     Catalog,
     CatalogError,
@@ -28,9 +28,9 @@ from babl_core.catalog import (
     availability,
     parse_catalog,
 )
-from babl_core.chat import render_prompt
-from babl_core.loading import ModelUnavailable, load_model, plan_load
-from babl_core.prompts import STYLES
+from babl_core.engine.loading import ModelUnavailable, load_model, plan_load
+from babl_core.engine.prompts import STYLES
+from babl_core.engine.service import render_prompt
 from tests.conftest import REPO_ROOT
 
 SMOLLM2_IDS = ("smollm2-chat", "smollm2-html", "smollm2-python", "smollm2-email")

@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from babl_core import generation_settings, words
-from babl_core.admission import Admission, Ticket
-from babl_core.cache import ModelCache, base_ref
-from babl_core.catalog import Catalog, ModelSpec, availability
-from babl_core.generation import GenerationParams, GenerationStats
-from babl_core.generation import stream as default_stream
-from babl_core.loading import LoadedModel, ModelUnavailable
-from babl_core.prompts import (
+from babl_core.engine import generation_settings, words
+from babl_core.engine.admission import Admission, Ticket
+from babl_core.engine.cache import ModelCache, base_ref
+from babl_core.engine.catalog import Catalog, ModelSpec, availability
+from babl_core.engine.generation import GenerationParams, GenerationStats
+from babl_core.engine.generation import stream as default_stream
+from babl_core.engine.loading import LoadedModel, ModelUnavailable
+from babl_core.engine.prompts import (
     Prompt,
     PromptTooLong,
     build_prompt,
@@ -31,7 +31,7 @@ from babl_core.prompts import (
     get_style,
     with_default_system,
 )
-from babl_core.remote import RemoteStream
+from babl_core.engine.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
 SETTING_NAMES = generation_settings.NAMES
@@ -463,7 +463,7 @@ class ChatService:
         return data
 
     def admit(self, replies: list[ChatReply], client: str | None) -> list[ChatReply]:
-        """Gate a request's replies on the admission queue, all or none (see `babl_core.admission`);
+        """Gate a request's replies on the admission queue, all or none (see `babl_core.engine.admission`);
         `client` (a chat user, an API caller) gets its share, None none (a caller in this process).
 
         Raises:

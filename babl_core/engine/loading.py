@@ -3,7 +3,7 @@
 The policy (DESIGN.md): with CUDA, bitsandbytes nf4 with double quantization and the entry's compute
 dtype (the seeds' configs). On CPU the same request goes through bitsandbytes' CPU backend, which loads
 nf4/int8 in 0.50; if that fails the model loads in a plain dtype instead, and `describe()` says so.
-Nothing here caches: `babl_core.cache.ModelCache` decides what stays in memory.
+Nothing here caches: `babl_core.engine.cache.ModelCache` decides what stays in memory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from babl_core import settings
-from babl_core.catalog import ModelSpec, availability, detect_kind, is_offline, looks_like_path
-from babl_core.devices import apply_thread_setting, in_passing_thread, resolve_device
+from babl_core.engine.catalog import ModelSpec, availability, detect_kind, is_offline, looks_like_path
+from babl_core.engine.devices import apply_thread_setting, in_passing_thread, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def plan_load(spec: ModelSpec, device: str | None = None) -> LoadPlan:
     """Apply the quantization policy to an entry on a device (see the module docstring)."""
     import torch
 
-    from babl_core.llama_cpp import engine_for
+    from babl_core.engine.llama_cpp import engine_for
 
     if engine_for(spec) == "llama.cpp":  # the GGUF file's own precision, on llama.cpp's CPU backend
         return LoadPlan(device="cpu", quantization="gguf", dtype="gguf", engine="llama.cpp")
@@ -242,10 +242,10 @@ def _source(ref: str) -> tuple[str, dict]:
 
 def base_source(spec: ModelSpec, plan: LoadPlan) -> tuple[str, dict]:
     """Where `spec`'s base weights and tokenizer are read from: for a GGUF entry, its safetensors
-    folder in the plan's dtype (converted on first use, see `babl_core.gguf`); else `_source`."""
+    folder in the plan's dtype (converted on first use, see `babl_core.engine.gguf`); else `_source`."""
     if not spec.gguf_file:
         return _source(spec.base)
-    from babl_core.gguf import GGUFUnavailable, converted_dir
+    from babl_core.engine.gguf import GGUFUnavailable, converted_dir
 
     try:
         return str(converted_dir(spec, plan.dtype)), {}
@@ -284,7 +284,7 @@ def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
     _check(spec)
     plan = plan or plan_load(spec)
     if plan.engine == "llama.cpp":
-        from babl_core.llama_cpp import load_server
+        from babl_core.engine.llama_cpp import load_server
 
         return load_server(spec, plan)
     apply_thread_setting()
@@ -342,7 +342,7 @@ def attach_adapter(loaded: LoadedModel, ref: str) -> LoadedModel:
     base in memory carries any number of adapters and each request picks its own.
     """
     if loaded.plan.engine == "llama.cpp":
-        from babl_core.llama_cpp import attach_lora
+        from babl_core.engine.llama_cpp import attach_lora
 
         return attach_lora(loaded, ref)
     from peft import PeftModel

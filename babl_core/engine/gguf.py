@@ -73,7 +73,7 @@ class GGUFRef:
 
 def parse_ref(gguf_file: str, base: str) -> GGUFRef:
     """Which of the three forms `gguf_file` is (see the module docstring)."""
-    from babl_core.catalog import looks_like_path
+    from babl_core.engine.catalog import looks_like_path
 
     if gguf_file.startswith(PACKAGE_PREFIX):
         package, _, inner = gguf_file[len(PACKAGE_PREFIX) :].partition("/")
@@ -150,7 +150,7 @@ def locate(ref: GGUFRef, *, download: bool = False) -> Path:
     cached = try_to_load_from_cache(ref.repo, ref.inner)
     if isinstance(cached, str):
         return Path(cached)
-    from babl_core.catalog import is_offline
+    from babl_core.engine.catalog import is_offline
 
     if not download or is_offline():
         raise GGUFUnavailable(
@@ -174,7 +174,7 @@ def availability(gguf_file: str, base: str) -> tuple[str, str]:
             locate(ref)
             return "cached", f"{ref.inner} from {ref.repo} is in the Hugging Face cache"
         except GGUFUnavailable as exc:
-            from babl_core.catalog import is_offline
+            from babl_core.engine.catalog import is_offline
 
             if is_offline():
                 return "unavailable", f"offline and {exc}; when online run: python -m babl_core download"

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
-from babl_core.generation_settings import CATALOG_NAMES, SETTINGS
+from babl_core.engine.generation_settings import CATALOG_NAMES, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
             if not raw.get(name):
                 problems.append(f"{where}, field {name!r}: required for backend openai; set e.g. {example}")
     if isinstance(raw.get("gguf_file"), str):
-        from babl_core.gguf import check_setting
+        from babl_core.engine.gguf import check_setting
 
         problem = check_setting(raw["gguf_file"])
         if problem:
@@ -455,7 +455,7 @@ def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
 def _base_availability(spec: ModelSpec) -> Availability:
     """Where the entry's base weights are: its GGUF file for GGUF entries, else its base folder or hub id."""
     if spec.gguf_file:
-        from babl_core import gguf
+        from babl_core.engine import gguf
 
         return Availability(*gguf.availability(spec.gguf_file, spec.base))
     return _where(spec, spec.base, "base model", "config.json")
@@ -464,7 +464,7 @@ def _base_availability(spec: ModelSpec) -> Availability:
 def availability(spec: ModelSpec) -> Availability:
     """One word (local, cached, downloadable, needs-training, unavailable) and a reason."""
     if spec.backend == "openai":
-        from babl_core.remote import probe
+        from babl_core.engine.remote import probe
 
         problem = probe(spec)
         if problem:
@@ -490,7 +490,7 @@ def availability(spec: ModelSpec) -> Availability:
             return Availability("needs-training", reason)
     base = _base_availability(spec)
     if base.word != "unavailable" and spec.engine == "llama.cpp":
-        from babl_core import llama_cpp
+        from babl_core.engine import llama_cpp
 
         problem = llama_cpp.availability_problem(spec)
         if problem:
@@ -690,7 +690,7 @@ class Catalog:
         """The model a new chat opens on: `BABL_DEFAULT_MODEL` when set and servable, else the first
         servable entry; without CUDA, entries marked prefer_gpu are passed over."""
         if cuda is None:
-            from babl_core.devices import cuda_available
+            from babl_core.engine.devices import cuda_available
 
             cuda = cuda_available()
         specs = self.list()

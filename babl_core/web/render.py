@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from babl_core.settings import TASKS, env_flag
+from babl_core.storage.files import DOWNLOAD_MIME
 
 # --- fences -----------------------------------------------------------------------------------
 
@@ -224,7 +225,7 @@ def images_as_links(markdown: str) -> str:
     The chat renders answers as Markdown on the app's page: an image there is fetched as soon as it
     is shown (at every streaming update), so a model, or a prompt injection in a pasted document,
     could send the conversation to any server in an image URL. A link is only followed when the user
-    clicks it. The app page's Content-Security-Policy (`babl_core.page_policy`) blocks other origins
+    clicks it. The app page's Content-Security-Policy (`babl_core.web.page_policy`) blocks other origins
     too; this keeps the answer readable instead of showing broken images.
     """
     if "![" not in markdown:
@@ -310,13 +311,6 @@ MAX_PREVIEW_BYTES = 512 * 1024
 """Larger documents are cut for the preview (the props travel over the socket at each update); the
 download keeps the whole document."""
 
-DOWNLOAD_MIME = "application/octet-stream"
-"""The type a generated page is offered for download with. Not text/html: Chainlit serves a
-`cl.File` from the app's origin with the element's mime (and guesses text/html from a .html name
-when none is given), and a Blob URL lives on the app's origin too; as text/html the page would run
-there when opened. application/octet-stream is always saved, never rendered (text/plain would
-be displayed inline, and some browsers have sniffed HTML in it)."""
-
 
 def check_sandbox(value: str) -> str:
     """Returns `value` if it is a sandbox attribute a preview may use, else raises.
@@ -331,7 +325,7 @@ def check_sandbox(value: str) -> str:
     if forbidden or unknown:
         raise ValueError(
             f"preview sandbox {value!r} has tokens a preview must never get: {', '.join(forbidden + unknown)}; "
-            f"only {', '.join(sorted(ALLOWED_SANDBOX_TOKENS))} is allowed (see babl_core/render.py)"
+            f"only {', '.join(sorted(ALLOWED_SANDBOX_TOKENS))} is allowed (see babl_core/web/render.py)"
         )
     return value
 

@@ -9,12 +9,12 @@ row's token with that row's own settings, streams it to the row's queue, and dro
 request joins and leaves a running batch between steps, and N users cost about one weight pass per
 token instead of N (the step is memory-bound on CPU).
 
-Per request, exactly as on the one-generate()-per-thread path (`babl_core.generation`): greedy or
+Per request, exactly as on the one-generate()-per-thread path (`babl_core.engine.generation`): greedy or
 sampled with its own temperature/top-p/top-k and its own `torch.Generator` (a seed gives the same text
 alone or in a busy batch), repetition penalty over its own prompt and output, max_new_tokens, EOS, stop
 strings and stop events (both end the row at the next step), and its own LoRA adapter: rows of one
 batch may use different adapters (PEFT's mixed-batch `adapter_names`, routed per forward through
-`babl_core.loading.selected_adapters`).
+`babl_core.engine.loading.selected_adapters`).
 
 Why not transformers' own continuous batching (`generate_batch`, `init_continuous_batching` /
 `ContinuousBatchingManager`, 5.23): it packs all requests into one flat row for paged attention, so
@@ -42,7 +42,7 @@ import weakref
 from collections import deque
 
 from babl_core import settings
-from babl_core.generation import (
+from babl_core.engine.generation import (
     _END,
     GenerationParams,
     TokenStream,
@@ -50,7 +50,7 @@ from babl_core.generation import (
     request_generator,
     sampling_probs,
 )
-from babl_core.loading import BASE_ADAPTER, selected_adapters
+from babl_core.engine.loading import BASE_ADAPTER, selected_adapters
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from babl_core import settings
-from babl_core.generation import GenerationError, GenerationParams
+from babl_core.engine.generation import GenerationError, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -455,12 +455,12 @@ class _Endpoint:
 
 class LlamaStream:
     """One answer streamed from llama-server's `/v1/completions` (the OpenAI-compatible client of
-    `babl_core.remote`), with llama.cpp's own sampling fields. A server that dies mid-answer gives one
+    `babl_core.engine.remote`), with llama.cpp's own sampling fields. A server that dies mid-answer gives one
     message saying the next answer restarts it."""
 
     def __init__(self, server: LlamaServer, spec_id: str, prompt: str, params: GenerationParams,
                  stop_event: threading.Event | None, adapter: str | None) -> None:  # fmt: skip
-        from babl_core.remote import RemoteStream
+        from babl_core.engine.remote import RemoteStream
 
         self.server = server
         endpoint = _Endpoint(spec_id, server.base_url, server.gguf_path.name)
@@ -535,7 +535,7 @@ def lora_export(adapter_dir: Path) -> Path:
 
 
 def _adapter_dir(ref: str) -> Path | None:
-    from babl_core.catalog import looks_like_path
+    from babl_core.engine.catalog import looks_like_path
 
     return settings.resolve_path(ref) if looks_like_path(ref) else None
 
@@ -568,8 +568,8 @@ def engine_for(spec) -> str:
         return "llama.cpp"
     if spec.engine != "auto" or not spec.gguf_file or spec.backend != "local" or find_server() is None:
         return "transformers"
-    from babl_core.catalog import discover_adapters, same_base
-    from babl_core.devices import resolve_device
+    from babl_core.engine.catalog import discover_adapters, same_base
+    from babl_core.engine.devices import resolve_device
 
     if resolve_device() != "cpu":
         return "transformers"
@@ -586,7 +586,7 @@ def gguf_tokenizer(path: Path):
     kept next to the converted weights: reading it from the GGUF takes seconds, a saved copy ms."""
     from transformers import AutoTokenizer
 
-    from babl_core import gguf
+    from babl_core.engine import gguf
 
     folder = settings.gguf_dir() / f"{gguf.known_sha256(path)[:16]}-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
@@ -608,8 +608,8 @@ def load_server(spec, plan):
     Raises:
         ModelUnavailable: no GGUF file or binary, or the server did not start (the message says why).
     """
-    from babl_core import gguf
-    from babl_core.loading import LoadedModel, ModelUnavailable
+    from babl_core.engine import gguf
+    from babl_core.engine.loading import LoadedModel, ModelUnavailable
 
     start = time.perf_counter()
     try:
@@ -632,7 +632,7 @@ def load_server(spec, plan):
 def attach_lora(loaded, ref: str):
     """Add adapter `ref` (its GGUF export) to the base's server: restarted with the longer adapter list
     (the cache calls this only while no answer runs on that base). Returns a view using it."""
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.loading import ModelUnavailable
 
     folder = _adapter_dir(ref)
     lora = lora_export(folder) if folder else None
