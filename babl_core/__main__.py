@@ -24,7 +24,8 @@ def _err(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the catalog with each entry's availability."""
-    from babl_core.engine.catalog import Catalog, CatalogError, availability
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     try:
         catalog = Catalog.load()
@@ -68,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from babl_core.engine.catalog import CatalogError, UnknownModel
     from babl_core.engine.generation import GenerationError
     from babl_core.engine.generation_settings import SETTINGS
-    from babl_core.engine.loading import ModelUnavailable
+    from babl_core.engine.loaded import ModelUnavailable
     from babl_core.engine.service import BadMessage, ChatService, ChatSession
     from babl_core.engine.words import count
 

@@ -6,7 +6,7 @@ What is measured is what users get:
   lists it as (same base, quantization and dtype), through `babl_core.engine.loading`;
 - prompts come from `babl_core.engine.prompts` (the style's `training_pair`, whose prompt equals the chat
   rendering of the same content; `predict`'s own queries go through `babl_core.engine.service.render_prompt`);
-- answers are decoded by `babl_core.engine.generation.stream` with the entry's settings as
+- answers are decoded by `babl_core.engine.batching.stream` with the entry's settings as
   `babl_core.engine.service.params_for` merges them (max_new_tokens, repetition penalty, the style's stop strings),
   except that they are greedy unless `eval_temperature` says otherwise, so a score can be repeated.
 
@@ -320,8 +320,8 @@ AnswerFn = Callable[[Example, Any], str]
 
 
 def model_answer_fn(loaded) -> AnswerFn:
-    """Answers from `loaded` through the app's generation path (`babl_core.engine.generation.stream`)."""
-    from babl_core.engine.generation import generate_text
+    """Answers from `loaded` through the app's generation path (`babl_core.engine.batching.stream`)."""
+    from babl_core.engine.batching import generate_text
 
     def answer(example: Example, params) -> str:
         return generate_text(loaded, example.prompt, params, add_special_tokens=example.add_special_tokens)

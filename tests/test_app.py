@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from babl_core.engine.batching import stream as real_stream
 from babl_core.engine.cache import ModelCache
 from babl_core.engine.catalog import Catalog
-from babl_core.engine.generation import stream as real_stream
 from babl_core.engine.loading import load_base
 from babl_core.engine.service import ChatService
 from babl_core.web import runtime, ui

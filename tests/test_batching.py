@@ -14,10 +14,10 @@ import weakref
 
 import pytest
 
-from babl_core.engine.batching import BatchedStream, scheduler_for, scheduler_status
+from babl_core.engine.batching import BatchedStream, generate_text, scheduler_for, scheduler_status, stream
 from babl_core.engine.cache import ModelCache
 from babl_core.engine.catalog import ModelSpec
-from babl_core.engine.generation import GenerationParams, GenerationStream, generate_text, stream
+from babl_core.engine.generation import GenerationParams, GenerationStream
 from babl_core.engine.loading import attach_adapter, load_model
 from tests.conftest import make_lora_adapter
 

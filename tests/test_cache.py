@@ -9,9 +9,10 @@ import weakref
 
 import pytest
 
+from babl_core.engine.batching import generate_text
 from babl_core.engine.cache import ModelBusy, ModelCache
 from babl_core.engine.catalog import ModelSpec
-from babl_core.engine.generation import GenerationParams, generate_text
+from babl_core.engine.generation import GenerationParams
 from babl_core.engine.loading import load_base
 
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0)

@@ -11,7 +11,7 @@ import pytest
 
 from babl_core.engine.cache import ModelCache
 from babl_core.engine.catalog import Catalog
-from babl_core.engine.loading import ModelUnavailable
+from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.service import BadMessage, ChatService, ChatSession, coalesce
 from tests.conftest import REPO_ROOT, install_adapter
 

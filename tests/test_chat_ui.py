@@ -11,7 +11,7 @@ import pytest
 from babl_core.engine.cache import ModelBusy
 from babl_core.engine.catalog import Catalog, UnknownModel
 from babl_core.engine.generation import GenerationError, GenerationParams, GenerationStats
-from babl_core.engine.loading import ModelUnavailable
+from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.service import BadMessage, ChatSession
 from babl_core.web import ui
 from babl_core.web.render import DOWNLOAD_MIME, PreviewThrottle

@@ -40,7 +40,8 @@ def test_merged_model_is_checked_and_serves_as_a_plain_catalog_entry(
 ):
     from safetensors import safe_open
 
-    from babl_core.engine.catalog import Catalog, availability
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog
     from babl_core.engine.service import ChatService
 
     assert main(["merge", "--adapter", f"models/adapters/{RUN}"]) == EXIT_OK

@@ -12,7 +12,8 @@ import sys
 import pytest
 import yaml
 
-from finetune.model_card import PEFT_TEMPLATE_MARK, write_model_card
+from finetune.model_card import PEFT_TEMPLATE_MARK
+from finetune.outputs import write_model_card
 from tests.conftest import REPO_ROOT
 
 

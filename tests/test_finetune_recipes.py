@@ -81,7 +81,8 @@ def test_twin_trains_loss_falls_and_the_app_serves_the_adapter(
     import torch
     from PIL import Image
 
-    from babl_core.engine.catalog import Catalog, UnknownModel, availability
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog, UnknownModel
     from babl_core.engine.loading import load_model
     from babl_core.engine.service import ChatService
 
@@ -147,7 +148,8 @@ def test_trained_email_adapter_makes_the_catalog_email_entry_servable(models_dir
     """email-t5 waits for models/adapters/email-t5; training under that run name fills the entry."""
     import yaml
 
-    from babl_core.engine.catalog import Catalog, availability
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog
     from babl_core.engine.service import ChatService
 
     # The shipped entry, with its hub base (t5-base, not downloadable here) swapped for the demo T5.

@@ -7,15 +7,9 @@ import time
 
 import pytest
 
+from babl_core.engine.batching import generate_text, stream
 from babl_core.engine.catalog import Catalog
-from babl_core.engine.generation import (
-    GenerationError,
-    GenerationParams,
-    IncrementalDecoder,
-    StopMatcher,
-    generate_text,
-    stream,
-)
+from babl_core.engine.generation import GenerationError, GenerationParams, IncrementalDecoder, StopMatcher
 from babl_core.engine.loading import load_model
 from tests.conftest import REPO_ROOT
 

@@ -25,8 +25,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from babl_core.engine import llama_cpp
+from babl_core.engine.availability import availability
 from babl_core.engine.cache import ModelCache
-from babl_core.engine.catalog import Catalog, CatalogError, availability, parse_catalog
+from babl_core.engine.catalog import Catalog, CatalogError, parse_catalog
 from babl_core.engine.generation import GenerationParams
 from babl_core.engine.service import ChatService, ChatSession, render_prompt
 from babl_core.web import runtime

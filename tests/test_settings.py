@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from babl_core import settings
-from babl_core.engine.catalog import Catalog, availability
+from babl_core.engine.availability import availability
+from babl_core.engine.catalog import Catalog
 from babl_core.web import launch
 from tests.conftest import REPO_ROOT
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from babl_core import settings
 from babl_core.engine.catalog import ModelSpec, hub_cached_dir, looks_like_path
 from babl_core.engine.devices import in_passing_thread
-from babl_core.engine.loading import LoadedModel, LoadPlan, attach_adapter, load_base, plan_load
+from babl_core.engine.loaded import LoadedModel, LoadPlan
+from babl_core.engine.loading import attach_adapter, load_base, plan_load
 
 log = logging.getLogger(__name__)
 

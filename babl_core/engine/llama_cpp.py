@@ -291,7 +291,7 @@ class LlamaServer:
 
     @property
     def config(self):
-        """What `loading.context_length` reads: the tokens one answer may use (prompt included)."""
+        """What `loaded.context_length` reads: the tokens one answer may use (prompt included)."""
         return SimpleNamespace(max_position_embeddings=self.settings.context)
 
     def describe(self) -> str:
@@ -609,7 +609,7 @@ def load_server(spec, plan):
         ModelUnavailable: no GGUF file or binary, or the server did not start (the message says why).
     """
     from babl_core.engine import gguf
-    from babl_core.engine.loading import LoadedModel, ModelUnavailable
+    from babl_core.engine.loaded import LoadedModel, ModelUnavailable
 
     start = time.perf_counter()
     try:
@@ -632,7 +632,7 @@ def load_server(spec, plan):
 def attach_lora(loaded, ref: str):
     """Add adapter `ref` (its GGUF export) to the base's server: restarted with the longer adapter list
     (the cache calls this only while no answer runs on that base). Returns a view using it."""
-    from babl_core.engine.loading import ModelUnavailable
+    from babl_core.engine.loaded import ModelUnavailable
 
     folder = _adapter_dir(ref)
     lora = lora_export(folder) if folder else None

@@ -18,11 +18,12 @@ from typing import Any
 
 from babl_core.engine import generation_settings, words
 from babl_core.engine.admission import Admission, Ticket
+from babl_core.engine.availability import availability
+from babl_core.engine.batching import stream as default_stream
 from babl_core.engine.cache import ModelCache, base_ref
-from babl_core.engine.catalog import Catalog, ModelSpec, availability
+from babl_core.engine.catalog import Catalog, ModelSpec
 from babl_core.engine.generation import GenerationParams, GenerationStats
-from babl_core.engine.generation import stream as default_stream
-from babl_core.engine.loading import LoadedModel, ModelUnavailable
+from babl_core.engine.loaded import LoadedModel, ModelUnavailable
 from babl_core.engine.prompts import (
     Prompt,
     PromptTooLong,

@@ -20,7 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from babl_core.storage.conversations import TURN_KEY, only_commands
-from babl_core.storage.files import DOWNLOAD_MIME, LocalFileStorage, safe_file_name
+from babl_core.storage.files import DEFAULT_MIME, LocalFileStorage, safe_file_name
 from babl_core.storage.schema import DB_URL_ENV, db_url, decode_json, dialect_of, shown_url
 
 log = logging.getLogger("babl.history")
@@ -230,7 +230,7 @@ class BablDataLayer(SQLAlchemyDataLayer):
             if content is not None and self.storage_provider is not None:
                 key = f"{element.thread_id}/{element.id}/{safe_file_name(element.name)}"
                 uploaded = await self.storage_provider.upload_file(
-                    object_key=key, data=content, mime=element.mime or DOWNLOAD_MIME, overwrite=True
+                    object_key=key, data=content, mime=element.mime or DEFAULT_MIME, overwrite=True
                 )
                 row["url"], row["objectKey"] = uploaded["url"], uploaded["object_key"]
             elif not element.url:

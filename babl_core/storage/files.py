@@ -21,12 +21,7 @@ from babl_core import settings
 log = logging.getLogger("babl.history")
 
 FILES_ROUTE = "/babl/files"
-DOWNLOAD_MIME = "application/octet-stream"
-"""The type a generated page is offered for download with. Not text/html: Chainlit serves a
-`cl.File` from the app's origin with the element's mime (and guesses text/html from a .html name
-when none is given), and a Blob URL lives on the app's origin too; as text/html the page would run
-there when opened. application/octet-stream is always saved, never rendered (text/plain would
-be displayed inline, and some browsers have sniffed HTML in it)."""
+DEFAULT_MIME = "application/octet-stream"  # an upload that names no type
 
 
 def files_dir() -> Path:
@@ -76,7 +71,7 @@ class LocalFileStorage(BaseStorageClient):
         self,
         object_key: str,
         data: bytes | str,
-        mime: str = DOWNLOAD_MIME,
+        mime: str = DEFAULT_MIME,
         overwrite: bool = True,
         content_disposition: str | None = None,
     ) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from typing import Any
 
 from babl_core.engine.service import ChatSession
 from babl_core.storage.conversations import title_of
-from babl_core.storage.files import DOWNLOAD_MIME
-from babl_core.web.render import download_name, format_answer
+from babl_core.web.render import DOWNLOAD_MIME, download_name, format_answer
 
 
 def conversation_title(chat: ChatSession) -> str:

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from babl_core.settings import TASKS, env_flag
-from babl_core.storage.files import DOWNLOAD_MIME
 
 # --- fences -----------------------------------------------------------------------------------
 
@@ -310,6 +309,13 @@ PREVIEW_SCRIPTS_ENV = "BABL_PREVIEW_SCRIPTS"
 MAX_PREVIEW_BYTES = 512 * 1024
 """Larger documents are cut for the preview (the props travel over the socket at each update); the
 download keeps the whole document."""
+
+DOWNLOAD_MIME = "application/octet-stream"
+"""The type a generated page is offered for download with. Not text/html: Chainlit serves a
+`cl.File` from the app's origin with the element's mime (and guesses text/html from a .html name
+when none is given), and a Blob URL lives on the app's origin too; as text/html the page would run
+there when opened. application/octet-stream is always saved, never rendered (text/plain would
+be displayed inline, and some browsers have sniffed HTML in it)."""
 
 
 def check_sandbox(value: str) -> str:

@@ -4,7 +4,8 @@ owner only, always as a download, never as a page."""
 from __future__ import annotations
 
 from babl_core.storage.data_layer import BablDataLayer
-from babl_core.storage.files import DOWNLOAD_MIME, FILES_ROUTE, LocalFileStorage
+from babl_core.storage.files import FILES_ROUTE, LocalFileStorage
+from babl_core.web.render import DOWNLOAD_MIME
 
 
 def register_file_route(app) -> None:

@@ -22,11 +22,12 @@ from typing import Any, Protocol
 
 from babl_core.engine import words
 from babl_core.engine.admission import ServerBusy
+from babl_core.engine.availability import availability
 from babl_core.engine.cache import ModelBusy, base_ref
-from babl_core.engine.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
+from babl_core.engine.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel
 from babl_core.engine.generation import GenerationError
 from babl_core.engine.generation_settings import SETTINGS, Setting
-from babl_core.engine.loading import ModelUnavailable
+from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.service import BadMessage, ChatReply, ChatSession, coalesce
 from babl_core.storage.conversations import record_prompts, stored_conversation
 from babl_core.web.render import (

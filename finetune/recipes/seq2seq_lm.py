@@ -16,7 +16,7 @@ import logging
 import time
 
 from finetune.config import FinetuneConfig
-from finetune.recipes import TrainResult
+from finetune.outputs import TrainResult
 
 log = logging.getLogger("finetune")
 

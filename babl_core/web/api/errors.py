@@ -14,7 +14,7 @@ from babl_core.engine.admission import RequestTooLarge, ServerBusy
 from babl_core.engine.cache import ModelBusy
 from babl_core.engine.catalog import UnknownModel
 from babl_core.engine.generation import GenerationError
-from babl_core.engine.loading import ModelUnavailable
+from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.prompts import PromptTooLong
 from babl_core.engine.service import BadMessage
 

@@ -16,8 +16,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from babl_core.engine.admission import check_request
-from babl_core.engine.catalog import ModelSpec, UnknownModel, availability
-from babl_core.engine.loading import ModelUnavailable
+from babl_core.engine.availability import availability
+from babl_core.engine.catalog import ModelSpec, UnknownModel
+from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.service import ChatReply, ChatService
 from babl_core.web.api.errors import NO_RETRY, ApiError, ErrorResponse, api_error, as_api_errors
 from babl_core.web.api.protocol import (
