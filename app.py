@@ -16,6 +16,7 @@ from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
 from babl_core.engine.admission import Limits
+from babl_core.engine.availability import default_model
 from babl_core.engine.catalog import ModelSpec
 from babl_core.storage import conversations, data_layer, schema
 from babl_core.web import auth, export, local_login, page_policy, session_files, stored_files, tunnel, ui
@@ -177,13 +178,12 @@ async def _send_settings(state: ui.UiState, choices: list[ui.ModelChoice]) -> No
         widgets.append(WIDGETS[kind](**spec))
     await cl.ChatSettings(widgets).send()
     state.listing = ui.listing_key(choices)
-    await conversations.save_settings(
-        ui.settings_snapshot(state)
-    )  # a restart keeps the model and settings in effect
+    # A restart keeps the model and settings in effect.
+    await conversations.save_settings(ui.settings_snapshot(state))
 
 
 async def _new_state(choices: list[ui.ModelChoice]) -> ui.UiState | None:
-    default = await asyncio.to_thread(service().catalog.default_model)
+    default = await asyncio.to_thread(default_model, service().catalog)
     choice = ui.default_choice(choices, default)
     if choice is None:
         return None
@@ -235,7 +235,7 @@ async def resume_chat(thread: dict) -> None:
     # Chainlit shows the stored messages; the session gets back its conversation, model and settings.
     await cl.context.emitter.set_commands(ui.COMMANDS)
     choices = await _listing()
-    default = await asyncio.to_thread(service().catalog.default_model)
+    default = await asyncio.to_thread(default_model, service().catalog)
     state, notes = ui.resumed_state(thread, choices, ui.default_choice(choices, default))
     if state is None:
         await _error("\n\n".join(notes))
