@@ -344,8 +344,7 @@ async def _export(state: ui.UiState | None) -> None:
 async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
     svc = service()
     try:
-        svc.check_message(text)  # before any load: an empty or huge message fails at once
-        spec = svc.servable_spec(state.chat.model_id)
+        spec = svc.check_turn(state.chat, text)  # before any load: an empty or huge message fails at once
         if not await asyncio.to_thread(svc.is_ready, spec):
             _, failure = await _load(state, spec)
             if failure:
@@ -355,7 +354,7 @@ async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
         # loading this base) in one message that changes, not a new message for each change.
         on_status = ui.status_callback(_status_message())
         reply = svc.respond(
-            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client()
+            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client(), spec=spec
         )
     except ui.USER_ERRORS as exc:
         await _error(ui.error_text(exc))

@@ -477,3 +477,33 @@ def test_openapi_schema_and_docs_answer_with_every_route(local_app, monkeypatch)
         assert any(path.startswith(files.FILES_ROUTE) for path in paths)
         docs = http.get("/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_a_request_reads_the_catalog_listing_once(local_app, monkeypatch):
+    """Each listing reads every adapter's babl.json: a request's choices share the entry the first
+    one looked up instead of listing the catalog once per choice."""
+    catalog = runtime.service().catalog
+    listings = []
+    real = catalog.list
+    monkeypatch.setattr(catalog, "list", lambda: listings.append(1) or real())
+    monkeypatch.delenv("BABL_API_KEY", raising=False)
+    message = [{"role": "user", "content": "def add(a, b):"}]
+    with TestClient(local_app) as http:
+        answer = http.post(
+            "/v1/chat/completions",
+            json={"model": "demo-python", "messages": message, "n": 3, "max_tokens": 4},
+        )
+        assert answer.status_code == 200 and len(answer.json()["choices"]) == 3
+        assert len(listings) == 1
+        listings.clear()
+        answer = http.post(
+            "/v1/completions", json={"model": "demo-python", "prompt": ["a", "b"], "n": 2, "max_tokens": 4}
+        )
+        assert answer.status_code == 200 and len(answer.json()["choices"]) == 4
+        assert len(listings) == 1
+        listings.clear()
+        answer = http.post(
+            "/api/generate", json={"prompt": "lunch moved to 1pm", "token_count": 4, "n_gen": 2}
+        )
+        assert answer.status_code == 200 and len(answer.json()["generations"]) == 2
+        assert len(listings) == 1

@@ -1,4 +1,4 @@
-"""babl_core.history in-process: the schema (created, idempotent, upgraded), the data layer against
+"""The history in-process (babl_core.storage, and the resume and export of babl_core.web): the schema (created, idempotent, upgraded), the data layer against
 SQLite and a real PostgreSQL (every column Chainlit 2.12 writes, JSON read back as objects, failed
 writes logged as errors, deletion with files), the local storage, and the pure parts (turn records,
 resume, export). The server flows (restart, resume, other users) are in test_history_e2e.py.

@@ -512,6 +512,22 @@ class ChatService:
             raise ModelUnavailable(spec.id, avail.reason)
         return spec
 
+    def _entry(self, model: str | ModelSpec) -> ModelSpec:
+        """`model`'s catalog entry: looked up (`servable_spec`: the listing reads every adapter's
+        babl.json) for an id, taken as it is for an entry this request resolved already."""
+        return model if isinstance(model, ModelSpec) else self.servable_spec(model)
+
+    def check_turn(self, session: ChatSession, text: str) -> ModelSpec:
+        """What `respond` checks before answering (the message, the system prompt, the session's model),
+        for a caller that needs the entry first (to load it); pass the entry on as `respond(spec=...)`.
+
+        Raises:
+            BadMessage, UnknownModel, ModelUnavailable: as `respond`.
+        """
+        self.check_message(text)
+        check_text(session.system_prompt, "The system prompt")
+        return self.servable_spec(session.model_id)
+
     def respond(
         self,
         session: ChatSession,
@@ -520,6 +536,7 @@ class ChatService:
         stop_event: threading.Event | None = None,
         on_status: Callable[[str], None] | None = None,
         client: str | None = None,
+        spec: ModelSpec | None = None,
         **overrides,
     ) -> ChatReply:
         """Answer `text` in `session`; iterate the reply for chunks. The turn is recorded at the end
@@ -527,15 +544,14 @@ class ChatService:
 
         The answer holds a place in the admission queue, within `client`'s share (the chat's user; None:
         no share, for callers in this process): it waits for a running slot when iterated, reporting its
-        place through `on_status` ("Busy: 2 ahead of you").
+        place through `on_status` ("Busy: 2 ahead of you"). `spec`: the entry `check_turn` returned for
+        this turn (then nothing is checked or looked up again).
 
         Raises:
             BadMessage, UnknownModel, ModelUnavailable, ValueError: as `complete`.
             ServerBusy: the queue is full, or `client` holds its share already.
         """
-        self.check_message(text)
-        check_text(session.system_prompt, "The system prompt")
-        spec = self.servable_spec(session.model_id)
+        spec = spec or self.check_turn(session, text)
         params = self.params_for(spec, session.settings, **overrides)
         messages = [*session.history(), {"role": "user", "content": text}]
         reply = ChatReply(
@@ -543,18 +559,25 @@ class ChatService:
         )
         return self.admit([reply], client)[0]
 
-    def complete(self, model_id: str, messages: list[dict], *, stop_event=None, **overrides) -> ChatReply:
-        """A stateless answer to a message list (the API's chat completions); nothing is recorded."""
+    def complete(
+        self, model_id: str | ModelSpec, messages: list[dict], *, stop_event=None, **overrides
+    ) -> ChatReply:
+        """A stateless answer to a message list (the API's chat completions); nothing is recorded.
+
+        `model_id` is a catalog id, or the entry an earlier reply of the same request has (`reply.spec`):
+        a request's choices then read the catalog listing once."""
         if not messages or messages[-1].get("role") != "user":
             raise BadMessage("messages must end with a user message")
         self.check_message(messages[-1].get("content", ""))
         for index, message in enumerate(messages[:-1]):
             check_text(message.get("content", ""), f"Message {index}")
-        spec = self.servable_spec(model_id)
+        spec = self._entry(model_id)
         params = self.params_for(spec, None, **overrides)
         return ChatReply(self, None, spec, list(messages), params, record=False, stop_event=stop_event)
 
-    def complete_text(self, model_id: str, prompt: str, *, stop_event=None, **overrides) -> ChatReply:
+    def complete_text(
+        self, model_id: str | ModelSpec, prompt: str, *, stop_event=None, **overrides
+    ) -> ChatReply:
         """A stateless continuation of a raw prompt (the API's text completions); nothing is recorded.
 
         The prompt goes to the model as is: no prompt style, so no system prompt, no template and none
@@ -562,7 +585,7 @@ class ChatService:
         as `complete`.
 
         Args:
-            model_id: a catalog id.
+            model_id: a catalog id, or the entry of an earlier reply of the same request (as `complete`).
             prompt: the text to continue (encoder input for seq2seq models).
             stop_event: set it to end the generation early.
             **overrides: generation settings (max_new_tokens, temperature, top_p, top_k,
@@ -575,7 +598,7 @@ class ChatService:
             ValueError: an invalid generation setting (the message names it).
         """
         self.check_message(prompt)
-        spec = self.servable_spec(model_id)
+        spec = self._entry(model_id)
         merged = {k: v for k, v in overrides.items() if v is not None}
         merged.setdefault("stop", ())  # the entry's default stops belong to its prompt style
         params = GenerationParams.from_defaults(spec.generation, **merged).validate()
@@ -639,7 +662,7 @@ class ChatService:
 
 def format_status(status: dict) -> str:
     """`ChatService.status()` as a few lines of text (the CLI's `status`; the chat's `/status` shows the
-    same as a table, `chat_ui.status_markdown`)."""
+    same as a table, `web.ui.status_markdown`)."""
     bases = status.get("bases", [])
     budget = f", budget {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""
     lines = [f"Loaded bases: {len(bases)} of {status.get('max_models', '?')} slots, "

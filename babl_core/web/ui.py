@@ -581,7 +581,7 @@ def status_markdown(status: dict, names: dict[str, list[str]] | None = None) -> 
     """`/status`: `ChatService.status()` for the chat. Models by their ids (`status_names`), a narrow
     table that fits the message column (model, adapters, answers running and waiting, memory), then
     one wrapped line per model with how it is loaded and its batch. Counts only: nobody's name or
-    question. `chat.format_status` is the same for a terminal."""
+    question. `engine.service.format_status` is the same for a terminal."""
     names = names or {}
     running = status.get("active_generations", 0)
     remote = status.get("remote_active_generations", 0)

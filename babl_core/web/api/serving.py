@@ -314,9 +314,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     client = client_id(request)
 
     def make() -> list[ChatReply]:
-        return svc.admit(
-            [svc.complete(body.model, messages, **body.overrides(i)) for i in range(body.n)], client
-        )
+        first = svc.complete(body.model, messages, **body.overrides(0))
+        others = [svc.complete(first.spec, messages, **body.overrides(i)) for i in range(1, body.n)]
+        return svc.admit([first, *others], client)
 
     replies = await _start_replies(make, "messages")
     completion_id, created = _ids("chatcmpl")
@@ -367,9 +367,12 @@ async def completions(body: CompletionRequest, request: Request):
     client = client_id(request)
 
     def make() -> list[ChatReply]:
-        replies = [
-            svc.complete_text(body.model, p, **body.overrides(i)) for p in prompts for i in range(body.n)
-        ]
+        replies: list[ChatReply] = []
+        for p in prompts:
+            for i in range(body.n):  # the first reply's entry serves the others: one catalog listing
+                replies.append(
+                    svc.complete_text(replies[0].spec if replies else body.model, p, **body.overrides(i))
+                )
         return svc.admit(replies, client)
 
     replies = await _start_replies(make, "prompt")
@@ -413,7 +416,16 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def email_model(svc: ChatService, requested: str | None) -> tuple[str, list[str]]:
-    """The model for a seed-003 request, and a note when it is not the one asked for.
+    """The id of the model for a seed-003 request, and a note when it is not the one asked for
+    (`email_entry`)."""
+    model, notes = email_entry(svc, requested)
+    return (model if isinstance(model, str) else model.id), notes
+
+
+def email_entry(svc: ChatService, requested: str | None) -> tuple[str | ModelSpec, list[str]]:
+    """The model for a seed-003 request, and a note when it is not the one asked for: the entry itself
+    when it was chosen here (the answer then does not read the catalog listing again), else the id the
+    request named.
 
     Without `model`: the catalog's email entry (the first entry of the catalog file with task email,
     `email-t5`). When that cannot be served here (it needs an adapter trained by `finetune`, say),
@@ -424,7 +436,7 @@ def email_model(svc: ChatService, requested: str | None) -> tuple[str, list[str]
         ApiError: 503 when no email entry can be served, with the default entry's reason.
     """
     if requested:
-        return requested, []
+        return requested, []  # looked up with the answer
     specs = svc.catalog.list()
     email = [s for s in specs if s.task == "email"]
     if not email:
@@ -435,7 +447,7 @@ def email_model(svc: ChatService, requested: str | None) -> tuple[str, list[str]
     default = next((s for s in email if s.source == "catalog"), email[0])
     default_avail = availability(default)
     if default_avail.servable:
-        return default.id, []
+        return default, []
     servable = sorted((s for s in email if availability(s).servable), key=lambda s: s.demo)
     if not servable:
         raise api_error(ModelUnavailable(default.id, default_avail.reason))
@@ -444,7 +456,7 @@ def email_model(svc: ChatService, requested: str | None) -> tuple[str, list[str]
         f"{default.id} (the catalog's email model) cannot be served here: {default_avail}. "
         f'Answered with {chosen.id} instead; send "model" to choose.'
     )
-    return chosen.id, [note]
+    return chosen, [note]
 
 
 async def email_generate(body: EmailGenerateRequest, request: Request) -> EmailGenerateResponse:
@@ -455,13 +467,15 @@ async def email_generate(body: EmailGenerateRequest, request: Request) -> EmailG
     client = client_id(request)
 
     def make() -> tuple[list[str], list[ChatReply]]:
-        model_id, notes = email_model(svc, body.model)
+        model, notes = email_entry(svc, body.model)
         messages = [{"role": "user", "content": body.prompt}]
         settings = {"max_new_tokens": body.token_count, "temperature": body.temperature}
-        replies = [
-            svc.complete(model_id, messages, **settings, seed=None if body.seed is None else body.seed + i)
-            for i in range(body.n_gen)
-        ]
+        replies: list[ChatReply] = []
+        for i in range(body.n_gen):
+            seed = None if body.seed is None else body.seed + i
+            replies.append(
+                svc.complete(replies[0].spec if replies else model, messages, **settings, seed=seed)
+            )
         return notes, svc.admit(replies, client)
 
     notes, replies = await _start_replies(make, "prompt")
