@@ -344,7 +344,8 @@ async def _export(state: ui.UiState | None) -> None:
 async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
     svc = service()
     try:
-        spec = svc.check_turn(state.chat, text)  # before any load: an empty or huge message fails at once
+        svc.check_message(text)  # before any load: an empty or huge message fails at once
+        spec = svc.servable_spec(state.chat.model_id)
         if not await asyncio.to_thread(svc.is_ready, spec):
             _, failure = await _load(state, spec)
             if failure:
@@ -354,7 +355,7 @@ async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
         # loading this base) in one message that changes, not a new message for each change.
         on_status = ui.status_callback(_status_message())
         reply = svc.respond(
-            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client(), spec=spec
+            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client()
         )
     except ui.USER_ERRORS as exc:
         await _error(ui.error_text(exc))

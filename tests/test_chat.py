@@ -388,17 +388,3 @@ def test_max_new_tokens_beyond_the_context_is_lowered_with_a_note(service):
         run(
             collect(service.complete("demo-python", [{"role": "user", "content": "hi"}], max_new_tokens=4096))
         )
-
-
-def test_a_turn_checked_first_is_not_looked_up_again(service, monkeypatch):
-    """The chat checks a turn before it loads the model (`check_turn`) and hands the entry on to
-    `respond`: one catalog listing per answer."""
-    listings = []
-    real = service.catalog.list
-    monkeypatch.setattr(service.catalog, "list", lambda: listings.append(1) or real())
-    session = ChatSession(model_id="demo-python", settings={"max_new_tokens": 4, "temperature": 0})
-    with pytest.raises(BadMessage):
-        service.check_turn(session, "   ")
-    spec = service.check_turn(session, "def add(a, b):")
-    run(collect(service.respond(session, "def add(a, b):", spec=spec)))
-    assert len(listings) == 1 and session.messages[-1]["model"] == "demo-python"

@@ -517,17 +517,6 @@ class ChatService:
         babl.json) for an id, taken as it is for an entry this request resolved already."""
         return model if isinstance(model, ModelSpec) else self.servable_spec(model)
 
-    def check_turn(self, session: ChatSession, text: str) -> ModelSpec:
-        """What `respond` checks before answering (the message, the system prompt, the session's model),
-        for a caller that needs the entry first (to load it); pass the entry on as `respond(spec=...)`.
-
-        Raises:
-            BadMessage, UnknownModel, ModelUnavailable: as `respond`.
-        """
-        self.check_message(text)
-        check_text(session.system_prompt, "The system prompt")
-        return self.servable_spec(session.model_id)
-
     def respond(
         self,
         session: ChatSession,
@@ -536,7 +525,6 @@ class ChatService:
         stop_event: threading.Event | None = None,
         on_status: Callable[[str], None] | None = None,
         client: str | None = None,
-        spec: ModelSpec | None = None,
         **overrides,
     ) -> ChatReply:
         """Answer `text` in `session`; iterate the reply for chunks. The turn is recorded at the end
@@ -544,14 +532,15 @@ class ChatService:
 
         The answer holds a place in the admission queue, within `client`'s share (the chat's user; None:
         no share, for callers in this process): it waits for a running slot when iterated, reporting its
-        place through `on_status` ("Busy: 2 ahead of you"). `spec`: the entry `check_turn` returned for
-        this turn (then nothing is checked or looked up again).
+        place through `on_status` ("Busy: 2 ahead of you").
 
         Raises:
             BadMessage, UnknownModel, ModelUnavailable, ValueError: as `complete`.
             ServerBusy: the queue is full, or `client` holds its share already.
         """
-        spec = spec or self.check_turn(session, text)
+        self.check_message(text)
+        check_text(session.system_prompt, "The system prompt")
+        spec = self.servable_spec(session.model_id)
         params = self.params_for(spec, session.settings, **overrides)
         messages = [*session.history(), {"role": "user", "content": text}]
         reply = ChatReply(
