@@ -19,7 +19,18 @@ from babl_core.engine.admission import Limits
 from babl_core.engine.availability import default_model
 from babl_core.engine.catalog import ModelSpec
 from babl_core.storage import conversations, data_layer, schema
-from babl_core.web import auth, export, local_login, page_policy, session_files, stored_files, tunnel, ui
+from babl_core.web import (
+    auth,
+    export,
+    local_login,
+    page_policy,
+    session_files,
+    stored_files,
+    train_chat,
+    train_ui,
+    tunnel,
+    ui,
+)
 from babl_core.web.api.routes import register_api
 from babl_core.web.runtime import service
 
@@ -223,17 +234,18 @@ async def _load(state: ui.UiState, spec: ModelSpec) -> tuple[str | None, str | N
 
 @cl.on_chat_start
 async def start_chat() -> None:
-    await cl.context.emitter.set_commands(ui.COMMANDS)
+    await cl.context.emitter.set_commands(ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
     state = await _new_state(choices)
     choice = ui.find_choice(choices, state.chat.model_id) if state else None
     await cl.Message(content=ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
+    await train_chat.show_active()  # a run of this user's still training: its progress, here too
 
 
 @cl.on_chat_resume
 async def resume_chat(thread: dict) -> None:
     # Chainlit shows the stored messages; the session gets back its conversation, model and settings.
-    await cl.context.emitter.set_commands(ui.COMMANDS)
+    await cl.context.emitter.set_commands(ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
     default = await asyncio.to_thread(default_model, service().catalog)
     state, notes = ui.resumed_state(thread, choices, ui.default_choice(choices, default))
@@ -280,7 +292,8 @@ async def update_settings(values: dict) -> None:
 @cl.on_message
 async def answer(message: cl.Message) -> None:
     svc = service()
-    command = ui.command_of(message.command, message.content)
+    training, rest = train_chat.command_of(message.command, message.content)  # /train, /jobs
+    command = training or ui.command_of(message.command, message.content)
     if command:
         if not message.content.strip():
             # Picked from the command menu, the message is empty: an empty pill in the chat. Say
@@ -290,7 +303,11 @@ async def answer(message: cl.Message) -> None:
         state = _state()
         if state is not None and not state.named_by:
             state.named_by = "command"
-        if command == ui.STATUS_COMMAND:
+        if training == train_ui.TRAIN_COMMAND:
+            await train_chat.train(rest, [e for e in message.elements if getattr(e, "path", None)])
+        elif training == train_ui.JOBS_COMMAND:
+            await train_chat.jobs_list()
+        elif command == ui.STATUS_COMMAND:
             status = await asyncio.to_thread(svc.status)
             names = ui.status_names(await asyncio.to_thread(svc.catalog.list))
             await cl.Message(content=ui.status_markdown(status, names), author="Babl").send()
@@ -401,6 +418,10 @@ async def compare_with_base(action: cl.Action) -> None:
     if action.payload.get("answer") != state.answers:
         await _error("Compare works on the latest answer only: ask again to compare a new answer.")
         return
+    await _compare(state)
+
+
+async def _compare(state: ui.UiState) -> None:
     await _remove_compare_button(state)
     stop_event = state.new_stop_event()
     await cl.context.emitter.task_start()  # action callbacks get no stop button by themselves
@@ -419,6 +440,58 @@ async def compare_with_base(action: cl.Action) -> None:
         await _error(ui.error_text(exc))
     finally:
         await cl.context.emitter.task_end()
+
+
+# --- training from the chat (babl_core.web.train_chat) -------------------------------------------------
+@cl.action_callback(train_chat.STOP_ACTION)
+async def stop_training(action: cl.Action) -> None:
+    await train_chat.stop_job(action)
+
+
+@cl.action_callback(train_chat.RESUME_ACTION)
+async def resume_training(action: cl.Action) -> None:
+    await train_chat.resume_job(action)
+
+
+async def _switch_to(model_id: str) -> ui.UiState | None:
+    """Switch this chat to `model_id` as the settings' dropdown would (the listing finds new adapters)."""
+    choices = await _listing()
+    state = _state() or await _new_state(choices)
+    choice = ui.find_choice(choices, model_id)
+    if state is None or choice is None:
+        await _error(f"`{model_id}` is not in the model list (was its folder removed?).")
+        return None
+    previous = ui.find_choice(choices, state.chat.model_id)
+    description, failure = await _load(state, choice.spec)
+    if failure:
+        await _error(f"Could not switch to `{model_id}`: {failure}")
+        return None
+    changed, kept = ui.settings_for_new_model(state, choice.spec)
+    task_changed = previous is None or previous.spec.task != choice.spec.task
+    await _send_settings(state, choices)
+    text = ui.switched_text(choice.spec, description, task_changed=task_changed, changed=changed, kept=kept)
+    await cl.Message(content=text, author="Babl").send()
+    return state
+
+
+@cl.action_callback(train_chat.CHAT_ACTION)
+async def chat_with_adapter(action: cl.Action) -> None:
+    await _switch_to(action.payload["model"])
+
+
+@cl.action_callback(train_chat.COMPARE_ACTION)
+async def compare_adapter(action: cl.Action) -> None:
+    # The adapter answers the task's example question, then the base the same prompt (Compare with base).
+    state = await _switch_to(action.payload["model"])
+    if state is None:
+        return
+    question = train_ui.example_question(action.payload.get("task"))
+    asked = await cl.Message(content=f"Asking it: *{question}*", author="Babl").send()
+    state.begin_turn(asked.id)
+    state.new_stop_event()
+    await _answer_turn(state, question, asked.id)
+    if state.compare_action is not None:
+        await _compare(state)
 
 
 @cl.on_stop

@@ -329,26 +329,53 @@ def model_answer_fn(loaded) -> AnswerFn:
     return answer
 
 
+EVAL_CONCURRENCY = 4
+"""Answers asked at once from the model (not from a test's answer_fn): they share the app's continuous
+batch (`babl_core.engine.batching`), each decoding step serving all of them; on 2 CPU cores 4 rows give
+about 3x the tokens/s of one (ENVIRONMENT.md), so a 135M model's eval fits its time budget."""
+
+
+def model_concurrency(loaded) -> int:
+    """How many answers to ask `loaded` at once: EVAL_CONCURRENCY when its requests share a batch."""
+    from babl_core.engine import batching
+
+    if loaded.kind != "causal" or not batching.batching_enabled():
+        return 1
+    if batching.batching_unsupported(loaded.model):
+        return 1
+    return max(1, min(EVAL_CONCURRENCY, batching.max_rows()))
+
+
 def generate_answers(
     examples: list[Example], answer_fn: AnswerFn, params, *, samples: int = 1, seed: int = 0,
-    desc: str = "answering",
+    desc: str = "answering", workers: int = 1,
 ) -> list[list[str]]:  # fmt: skip
     """`samples` answers per example, with a progress bar. Sampled answers get seeds from `seed`, so a
-    run repeats exactly."""
+    run repeats exactly, whatever `workers` (how many answers are asked at once; order is kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    out: list[list[str]] = []
-    with tqdm(total=len(examples) * samples, desc=desc, unit="answer", dynamic_ncols=True) as bar:
-        for index, example in enumerate(examples):
-            answers = []
-            for sample in range(samples):
-                run_params = params
-                if params.temperature > 0:
-                    run_params = replace(params, seed=seed + index * samples + sample)
-                answers.append(answer_fn(example, run_params))
-                bar.update()
-            out.append(answers)
-    return out
+    jobs = []
+    for index, example in enumerate(examples):
+        for sample in range(samples):
+            run_params = params
+            if params.temperature > 0:
+                run_params = replace(params, seed=seed + index * samples + sample)
+            jobs.append((example, run_params))
+    with tqdm(total=len(jobs), desc=desc, unit="answer", dynamic_ncols=True) as bar:
+
+        def answer(job) -> str:
+            text = answer_fn(*job)
+            bar.update()
+            return text
+
+        if workers > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval-answer") as pool:
+                flat = list(pool.map(answer, jobs))
+        else:
+            flat = [answer(job) for job in jobs]
+    return [flat[i * samples : (i + 1) * samples] for i in range(len(examples))]
 
 
 _CODE_FENCE = re.compile(
@@ -663,8 +690,9 @@ def run_eval(
             )
         samples = evaluation.eval_samples if config.run.task in ("python", "code") else 1
         answers = generate_answers(
-            fitting, answer_fn or model_answer_fn(loaded), params, samples=samples, seed=evaluation.eval_seed
-        )
+            fitting, answer_fn or model_answer_fn(loaded), params, samples=samples, seed=evaluation.eval_seed,
+            workers=1 if answer_fn else model_concurrency(loaded),
+        )  # fmt: skip
         task_metrics, per_example, score_notes = (
             score_answers(
                 config.run.task,
@@ -682,6 +710,7 @@ def run_eval(
             base_answers = generate_answers(
                 fitting, base_answer_fn or model_answer_fn(base_view), params, samples=samples,
                 seed=evaluation.eval_seed, desc="base answering",
+                workers=1 if base_answer_fn else model_concurrency(base_view),
             )  # fmt: skip
             base_task_metrics, base_per_example, _ = (
                 score_answers(config.run.task, fitting, base_answers, timeout_s=timeout_s)

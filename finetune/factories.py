@@ -257,7 +257,7 @@ def train_and_evaluate(
     before this one spent up to the checkpoint it continues (`run_metrics` adds it to train_seconds).
     """
     from finetune import outputs
-    from finetune.progress import show_progress
+    from finetune.progress import graceful_stop, show_progress
 
     started = time.perf_counter() if started is None else started
     show_progress(trainer)
@@ -267,6 +267,9 @@ def train_and_evaluate(
         log.info("resuming from %s", resume_from)
     trainer.add_callback(_progress_callback(started, seconds_before))
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if graceful_stop(trainer).requested:
+        # Stopped on request: the checkpoint of the last step stays, nothing is published.
+        raise KeyboardInterrupt
     if resume_from is not None:
         resumed_at = int(Path(resume_from).name.removeprefix("checkpoint-"))
         loss = whole_run_train_loss(

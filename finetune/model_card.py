@@ -24,7 +24,7 @@ TASKS = {
     "chat": "chat",
 }
 EXAMPLE_MESSAGES = {
-    "html": "A landing page for a bakery",
+    "html": "Write an HTML page for a bakery with a menu and opening hours",
     "python": "Reverse a string",
     "code": "Return the largest number in a list",
     "email": "Key points: the office is closed on Friday",

@@ -5,12 +5,24 @@ as a raw dict (`{'loss': '6.185', 'grad_norm': '3.47', ...}`) to stdout. This ca
 bar for the optimizer steps (the latest losses in its postfix) and, above it, a row per evaluation
 (or per logged loss when the run holds no rows out), on stderr like the rest of the run's progress.
 Only the main process draws anything under `accelerate launch`.
+
+Two more callbacks serve a run started from the chat (`babl_core.web.jobs`), on the same code path as the CLI:
+`RunEvents` appends one JSON line per step and per log to the file named by `BABL_PROGRESS_FILE`, which
+the app reads for its progress message and loss curve (the tqdm bar is for eyes, not parsers); and
+`GracefulStop` turns the first SIGINT (Ctrl-C, or the chat's stop button) into "save a checkpoint at the
+end of this step and stop", so a stopped run can be resumed with `--resume true`. A second SIGINT
+interrupts at once.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import sys
+import threading
+import time
 
 from transformers import TrainerCallback
 
@@ -109,6 +121,105 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
+EVENTS_ENV = "BABL_PROGRESS_FILE"
+
+
+class RunEvents(TrainerCallback):
+    """Appends the run's progress as JSON lines to `path` (main process only).
+
+    Lines: {"event": "begin", "step", "total"}, {"event": "step", "step", "total", "seconds"} (at most
+    about twice a second, and always the last step), {"event": "log", "step", "epoch", "loss" and/or
+    "eval_loss"} (an eval_loss at step 0 is the base model before training), {"event": "stopping",
+    "step"} when a stop was asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        self._last_step_line = 0.0
+
+    def write(self, **event) -> None:
+        event["time"] = round(time.time(), 3)
+        with open(
+            self.path, "a", encoding="utf-8"
+        ) as out:  # one short append per line: readers see whole lines
+            out.write(json.dumps(event) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.started = time.monotonic()
+            self.write(event="begin", step=state.global_step, total=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if state.is_world_process_zero and (
+            now - self._last_step_line >= 0.5 or state.global_step >= state.max_steps
+        ):
+            self._last_step_line = now
+            self.write(
+                event="step",
+                step=state.global_step,
+                total=state.max_steps,
+                seconds=round(now - self.started, 3),
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        losses = {key: float(logs[key]) for key in ("loss", "eval_loss") if key in logs}
+        if losses:
+            self.write(event="log", step=state.global_step, epoch=round(state.epoch or 0.0, 3), **losses)
+
+
+class GracefulStop(TrainerCallback):
+    """The first SIGINT saves a checkpoint at the end of the current step and ends training; the
+    caller then raises KeyboardInterrupt (`train_and_evaluate`), so nothing is published and the
+    checkpoint stays for `--resume true`. A second SIGINT interrupts at once.
+
+    Single-process runs only: under `accelerate launch` each process would stop at its own step and
+    the others would wait for it forever, so there Ctrl-C keeps its default meaning.
+    """
+
+    def __init__(self, events: RunEvents | None = None) -> None:
+        self.requested = False
+        self.events = events
+        self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested:  # the second one: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "finetune: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        if single and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+            if self.events is not None:
+                self.events.write(event="stopping", step=state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def graceful_stop(trainer) -> GracefulStop:
+    """The trainer's `GracefulStop` (added with `show_progress`)."""
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStop))
+
+
 def show_progress(trainer) -> TrainingProgress:
     """Replace the Trainer's progress bars and raw-dict printing with `TrainingProgress` (once: a
     second call, e.g. the base evaluation's before training, returns the one already there)."""
@@ -125,4 +236,8 @@ def show_progress(trainer) -> TrainingProgress:
             trainer.remove_callback(callback)
     progress = TrainingProgress()
     trainer.add_callback(progress)
+    events = RunEvents(os.environ[EVENTS_ENV]) if os.environ.get(EVENTS_ENV) else None
+    if events is not None:
+        trainer.add_callback(events)
+    trainer.add_callback(GracefulStop(events))
     return progress

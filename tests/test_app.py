@@ -726,3 +726,32 @@ def test_downloads_survive_another_instance_from_this_folder_stopping(app_module
     shutil.rmtree(chainlit.server.FILES_DIRECTORY, ignore_errors=True)
     assert path.is_file()
     assert path.is_relative_to(session_files.root_dir())
+
+
+def test_train_and_jobs_commands_answer_in_the_chat(app_module, svc, monkeypatch, tmp_path):
+    from babl_core.web import jobs
+
+    monkeypatch.setenv("BABL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(jobs, "_runner", None)  # a runner on this test's (empty) data dir
+    monkeypatch.delenv("BABL_TUNNEL", raising=False)
+
+    async def go():
+        tab = await started(app_module)
+        await tab.send(app_module, "", command="jobs")  # picked from the command menu
+        jobs_text = tab.last_answer()["output"]
+        await tab.send(app_module, "/train no-such-recipe")
+        unknown = tab.last_answer()["output"]
+        monkeypatch.setenv("BABL_TUNNEL", "1")
+        await tab.send(app_module, "/train")
+        return tab, jobs_text, unknown, tab.last_answer()["output"]
+
+    tab, jobs_text, unknown, shared = run(go())
+    assert "No training runs yet" in jobs_text
+    assert next(s["output"] for s in tab.screen() if s["type"] == "user_message") == "/jobs"
+    assert "No recipe 'no-such-recipe' here" in unknown and "`demo-python`" in unknown
+    assert "off while the app is shared through a public tunnel" in shared
+    assert not (tmp_path / "data" / "jobs").exists()  # nothing started
+    assert any(
+        event == "set_commands" and [c["id"] for c in data] == ["status", "export", "train", "jobs"]
+        for event, data in tab.events
+    )

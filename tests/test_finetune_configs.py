@@ -87,6 +87,19 @@ def test_smollm2_recipes_train_the_catalog_base_and_give_their_measured_time(rec
     assert f"--config configs/finetune/{recipe}.yaml" in header and "Measured" in header
 
 
+def test_smollm2_python_documents_its_humaneval_subset_and_draws_it_every_run():
+    """pass@1 is measured on a fixed subset; the recipe lists it, and eval_limit + eval_seed draw it."""
+    from finetune.metrics import load_humaneval
+
+    path = CONFIG_DIR / "smollm2-python.yaml"
+    config = load(path)
+    (line,) = [x for x in path.read_text().splitlines() if x.startswith("# HumanEval subset:")]
+    documented = [f"HumanEval/{n.strip()}" for n in line.split(":", 1)[1].split("(")[0].split(",")]
+    for _ in range(2):
+        drawn = load_humaneval(limit=config.eval.eval_limit, seed=config.eval.eval_seed)
+        assert [problem["task_id"] for problem in drawn] == documented
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_loads_into_the_dataclasses(path):
     config = load(path)

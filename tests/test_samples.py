@@ -51,6 +51,15 @@ def test_html_documents_parse_strictly_with_elements_in_body():
         assert len(tree.find("body")) > 0, row["label"]
 
 
+def test_html_labels_ask_for_a_page_as_a_user_would():
+    # The label is the prompt the smollm2-html recipe trains and evaluates on: a bare description
+    # ("A 404 error page") got prose back from the base and the adapter, never a document.
+    for row in load("html"):
+        label = row["label"]
+        assert label[0].isupper() and label.rstrip().endswith("."), label
+        assert "HTML" in label or "web page" in label, label
+
+
 def test_alpaca_outputs_compile():
     rows = load("alpaca")
     for row in rows:

@@ -67,11 +67,12 @@ def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
 
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
     """Rough in-memory size before loading: weight files on disk, scaled for 4/8-bit loads."""
-    if plan.engine == "llama.cpp":  # llama-server maps the GGUF file as it is
-        from babl_core.engine import gguf
+    if plan.engine == "llama.cpp":  # llama-server maps the GGUF file as it is, plus its KV cache
+        from babl_core.engine import gguf, llama_cpp
 
         try:
-            return gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base)).stat().st_size
+            path = gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base))
+            return llama_cpp.server_footprint_bytes(path, llama_cpp.server_settings(spec.llama_cpp))
         except (gguf.GGUFUnavailable, OSError):
             return 0
     if spec.gguf_file:

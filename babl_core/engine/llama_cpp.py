@@ -231,6 +231,14 @@ class _Spawner:
 
 
 _spawner = _Spawner()
+
+
+def spawn_tied(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(argv, **kwargs)` for a child that must end when Babl ends, however it ends
+    (training jobs use it too: `babl_core.web.jobs`)."""
+    return _spawner.popen(argv, **kwargs)
+
+
 _running: set[LlamaServer] = set()
 _running_lock = threading.Lock()
 
@@ -270,6 +278,121 @@ def server_settings(options: dict | None) -> ServerSettings:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Memory: the cache's budget counts the GGUF file and the KV cache the server allocates at start
+
+KV_BYTES_PER_VALUE = 2  # llama-server's default KV cache type is f16
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header_values(path: Path, wanted: set[str]) -> dict:
+    """Scalar metadata values of a GGUF file, reading its header only until every `wanted` key is seen.
+
+    Why not `gguf.GGUFReader`: it parses the whole metadata and tensor table, a vocabulary of ~50k
+    strings included (5 s for SmolLM2 on a busy 2-core machine); the budget needs five numbers that
+    converters write before the vocabulary.
+
+    Raises:
+        ValueError: not a GGUF file, or one cut short.
+    """
+    import struct
+
+    values: dict = {}
+    with open(path, "rb") as f:
+
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path} ends inside its GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> bytes:
+            return f.read(read("<Q"))
+
+        def skip(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                f.seek(read("<Q"), 1)
+            elif kind == _GGUF_ARRAY:
+                item, count = read("<I"), read("<Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _GGUF_SCALARS:
+                read(_GGUF_SCALARS[kind])
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensors
+        for _ in range(read("<Q")):
+            key, kind = string().decode(errors="replace"), read("<I")
+            if key in wanted and kind in _GGUF_SCALARS:
+                values[key] = read(_GGUF_SCALARS[kind])
+            elif key in wanted and kind == _GGUF_STRING:
+                values[key] = string().decode(errors="replace")
+            else:
+                skip(kind)
+            if wanted <= values.keys():
+                break
+    return values
+
+
+def kv_cache_bytes(*, tokens: int, layers: int, kv_heads: int, key_length: int, value_length: int,
+                   bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:  # fmt: skip
+    """The KV cache of `tokens` positions: keys and values of every layer's key-value heads."""
+    return tokens * layers * kv_heads * (key_length + value_length) * bytes_per_value
+
+
+def gguf_kv_cache_bytes(path: Path, tokens: int) -> int:
+    """The KV cache llama-server allocates for `tokens` positions (all slots) on this GGUF model."""
+    arch = gguf_header_values(path, {"general.architecture"}).get("general.architecture", "llama")
+    keys = {f"{arch}.{k}" for k in ("block_count", "attention.head_count", "attention.head_count_kv",
+                                    "embedding_length")}  # fmt: skip
+    found = gguf_header_values(path, keys)
+    missing = keys - found.keys()
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(sorted(missing))} in its GGUF header")
+    heads = found[f"{arch}.attention.head_count"]
+    head_dim = found[f"{arch}.embedding_length"] // heads
+    extra = gguf_header_values(path, {f"{arch}.attention.key_length", f"{arch}.attention.value_length"})
+    return kv_cache_bytes(
+        tokens=tokens,
+        layers=found[f"{arch}.block_count"],
+        kv_heads=found[f"{arch}.attention.head_count_kv"],
+        key_length=extra.get(f"{arch}.attention.key_length", head_dim),
+        value_length=extra.get(f"{arch}.attention.value_length", head_dim),
+    )
+
+
+def server_footprint_bytes(path: Path, server: ServerSettings) -> int:
+    """What one llama-server holds: the GGUF file (mapped as it is) and the KV cache of all its slots
+    (context x slots positions); a header it cannot read counts the file alone."""
+    size = Path(path).stat().st_size
+    try:
+        return size + gguf_kv_cache_bytes(path, server.context * server.parallel)
+    except (OSError, ValueError) as exc:
+        log.warning("llama.cpp budget: counting %s without its KV cache (%s)", path, exc)
+        return size
+
+
 class LlamaServer:
     """One managed llama-server on one GGUF file, with its LoRA adapters (ids in list order)."""
 
@@ -288,6 +411,7 @@ class LlamaServer:
         self._count_lock = threading.Lock()
         self._lora_stamps: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.http = None  # one keep-alive client for every answer while it runs (see `start`)
 
     @property
     def config(self):
@@ -345,6 +469,11 @@ class LlamaServer:
         with _running_lock:
             _running.add(self)
         self._lora_stamps = {p: _mtime_ns(p) for p in self.loras}
+        # One client for all answers: a client per answer builds a TLS context (tens of ms of CPU, taken
+        # from the server's own cores on a small machine) and a new connection before its first token.
+        import httpx
+
+        self.http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=2 * self.settings.parallel))
         self._wait_healthy()
         log.info("llama-server for %s on port %d (pid %d)", self.name, self.port, self.process.pid)
 
@@ -429,6 +558,9 @@ class LlamaServer:
         self._forget()
 
     def _forget(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
         with _running_lock:
             _running.discard(self)
 
@@ -464,7 +596,7 @@ class LlamaStream:
 
         self.server = server
         endpoint = _Endpoint(spec_id, server.base_url, server.gguf_path.name)
-        self._inner = RemoteStream(endpoint, [], params, stop_event, prompt=prompt,
+        self._inner = RemoteStream(endpoint, [], params, stop_event, prompt=prompt, client=server.http,
                                    extra_body=llama_fields(params, server.lora_field(adapter)))  # fmt: skip
         self.notes = []  # llama-server takes top_k and repeat_penalty: nothing is left unsent
         self.stats = self._inner.stats
@@ -522,8 +654,14 @@ def _mtime_ns(path: Path) -> int:
 
 
 def llama_fields(params: GenerationParams, lora: list[dict]) -> dict:
-    """Fields llama-server's /completions takes beyond the OpenAI ones."""
-    fields: dict = {"top_k": params.top_k, "repeat_penalty": params.repetition_penalty, "cache_prompt": True}
+    """Fields llama-server's /completions takes beyond the OpenAI ones.
+
+    Greedy answers (temperature 0) with top-k off send `top_k: 1`: the same token (the most likely
+    one, after the repetition penalty), but llama.cpp's sampler chain then works on one candidate
+    instead of softmaxing and sorting the whole vocabulary for top-p on every token of every slot.
+    """
+    top_k = 1 if params.temperature == 0 and params.top_k == 0 else params.top_k
+    fields: dict = {"top_k": top_k, "repeat_penalty": params.repetition_penalty, "cache_prompt": True}
     if lora:
         fields["lora"] = lora
     return fields
@@ -625,8 +763,9 @@ def load_server(spec, plan):
         server.start()
     except LlamaServerError as exc:
         raise ModelUnavailable(spec.id, str(exc)) from exc
+    footprint = server_footprint_bytes(path, server.settings)
     return LoadedModel(model=server, tokenizer=tokenizer, kind="causal", base=spec.base, plan=plan,
-                       footprint_bytes=path.stat().st_size, load_seconds=time.perf_counter() - start)  # fmt: skip
+                       footprint_bytes=footprint, load_seconds=time.perf_counter() - start)  # fmt: skip
 
 
 def attach_lora(loaded, ref: str):
