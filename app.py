@@ -1,7 +1,7 @@
 """Babl's Chainlit hooks: UI glue only. What to show and how to react is decided in
-`babl_core.chat_ui`; answers come from the shared `ChatService` (`babl_core.runtime.service()`, the
-same one the API uses); login and the tunnel are `babl_core.auth` and `babl_core.tunnel`; stored
-conversations (resume, export, delete) are `babl_core.history`.
+`babl_core.web.ui`; answers come from the shared `ChatService` (`babl_core.web.runtime.service()`, the
+same one the API uses); login and the tunnel are `babl_core.web.auth` and `babl_core.web.tunnel`; stored
+conversations (resume, export, delete) are `babl_core.storage` and `babl_core.web.export`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,24 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.server import app as chainlit_app
 
-from babl_core import (
+from babl_core.engine.admission import Limits
+from babl_core.engine.availability import default_model
+from babl_core.engine.catalog import ModelSpec
+from babl_core.storage import conversations, data_layer, schema
+from babl_core.web import (
     auth,
-    chat_ui,
-    history,
+    export,
     local_login,
     page_policy,
     session_files,
+    stored_files,
     train_chat,
     train_ui,
     tunnel,
+    ui,
 )
-from babl_core.admission import Limits
-from babl_core.api import register_api
-from babl_core.catalog import ModelSpec
-from babl_core.runtime import service
+from babl_core.web.api.routes import register_api
+from babl_core.web.runtime import service
 
 log = logging.getLogger("babl.app")
 
@@ -39,7 +42,7 @@ register_api(chainlit_app)
 # The page loads nothing from other origins (an image in an answer cannot carry the chat away).
 page_policy.install(chainlit_app)
 
-HOST, PORT = chat_ui.listen_address()
+HOST, PORT = ui.listen_address()
 Limits.from_env()  # admission limits (BABL_MAX_*): a bad value stops the start here, with why
 
 # --- login (DESIGN.md "Login"): decided once, at import; Chainlit allows one auth callback ---------
@@ -73,16 +76,16 @@ else:
 
 # --- history (DESIGN.md "History") -----------------------------------------------------------------
 # The schema is created or upgraded before serving: an unusable BABL_DB_URL stops the app here, with why.
-history.prepare_database()
-history.register_file_route(chainlit_app)
+schema.prepare_database()
+stored_files.register_file_route(chainlit_app)
 # Live sessions' files (downloads) in a folder of this instance's own: Chainlit removes `.files/` when
 # any instance started from this folder stops.
 session_files.use_own_files_dir()
 
 
 @cl.data_layer
-def history_data_layer() -> history.BablDataLayer:
-    return history.open_data_layer()
+def history_data_layer() -> data_layer.BablDataLayer:
+    return data_layer.open_data_layer(commands=ui.COMMAND_IDS)
 
 
 # --- the tunnel ------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ WIDGETS = {"select": Select, "slider": Slider, "number": NumberInput, "text": Te
 
 
 class ChainlitAnswer:
-    """`chat_ui.AnswerView` on a Chainlit message.
+    """`ui.AnswerView` on a Chainlit message.
 
     Streaming updates replace the whole text (`stream_token(..., is_sequence=True)`: the formatted
     Markdown changes as fences open and close, and unlike `update()` it writes nothing to a data
@@ -126,7 +129,7 @@ class ChainlitAnswer:
     """
 
     def __init__(self, author: str, turn: Callable[[], dict | None] | None = None) -> None:
-        self.message = cl.Message(content="", author=chat_ui.message_author(author))
+        self.message = cl.Message(content="", author=ui.message_author(author))
         self._sent = False
         self._preview: cl.CustomElement | None = None
         self._turn = turn
@@ -135,7 +138,7 @@ class ChainlitAnswer:
     async def show(self, markdown: str, *, final: bool) -> None:
         if final and self._turn is not None and (record := self._turn()) is not None:
             # The turn rides on the final write of this message: a resumed chat is rebuilt from it.
-            self.message.metadata = {**(self.message.metadata or {}), history.TURN_KEY: record}
+            self.message.metadata = {**(self.message.metadata or {}), conversations.TURN_KEY: record}
         if not self._sent:
             self.message.content = markdown
             await self.message.send()
@@ -164,7 +167,7 @@ class ChainlitAnswer:
         self.elements.append(download)
 
 
-def _state() -> chat_ui.UiState | None:
+def _state() -> ui.UiState | None:
     return cl.user_session.get(STATE)
 
 
@@ -174,27 +177,28 @@ def _client() -> str:
     return f"user:{user.identifier}" if user is not None else "user:anonymous"
 
 
-async def _listing() -> list[chat_ui.ModelChoice]:
+async def _listing() -> list[ui.ModelChoice]:
     # Discovery reads adapters from disk on every listing (new adapters appear without a restart).
-    return await asyncio.to_thread(lambda: chat_ui.model_choices(service().catalog.list()))
+    return await asyncio.to_thread(lambda: ui.model_choices(service().catalog.list()))
 
 
-async def _send_settings(state: chat_ui.UiState, choices: list[chat_ui.ModelChoice]) -> None:
+async def _send_settings(state: ui.UiState, choices: list[ui.ModelChoice]) -> None:
     widgets = []
-    for spec in chat_ui.settings_widgets(choices, state):
+    for spec in ui.settings_widgets(choices, state):
         kind = spec.pop("kind")
         widgets.append(WIDGETS[kind](**spec))
     await cl.ChatSettings(widgets).send()
-    state.listing = chat_ui.listing_key(choices)
-    await history.save_settings(state)  # a restart keeps the model and settings in effect
+    state.listing = ui.listing_key(choices)
+    # A restart keeps the model and settings in effect.
+    await conversations.save_settings(ui.settings_snapshot(state))
 
 
-async def _new_state(choices: list[chat_ui.ModelChoice]) -> chat_ui.UiState | None:
-    default = await asyncio.to_thread(service().catalog.default_model)
-    choice = chat_ui.default_choice(choices, default)
+async def _new_state(choices: list[ui.ModelChoice]) -> ui.UiState | None:
+    default = await asyncio.to_thread(default_model, service().catalog)
+    choice = ui.default_choice(choices, default)
     if choice is None:
         return None
-    state = chat_ui.UiState.for_model(choice.spec)
+    state = ui.UiState.for_model(choice.spec)
     cl.user_session.set(STATE, state)
     await _send_settings(state, choices)
     return state
@@ -204,7 +208,7 @@ async def _error(text: str) -> None:
     await cl.ErrorMessage(content=text, author="Babl").send()
 
 
-async def _load(state: chat_ui.UiState, spec: ModelSpec) -> tuple[str | None, str | None]:
+async def _load(state: ui.UiState, spec: ModelSpec) -> tuple[str | None, str | None]:
     """Load `spec` for the session inside a status step.
 
     Returns:
@@ -215,7 +219,7 @@ async def _load(state: chat_ui.UiState, spec: ModelSpec) -> tuple[str | None, st
     async with cl.Step(name=f"loader for {spec.id}", type="tool", show_input=False) as step:
         step.output = f"Loading {spec.display_label}…"
         await step.update()
-        on_status = chat_ui.status_callback(lambda text: step.stream_token(f"\n{text}"))
+        on_status = ui.status_callback(lambda text: step.stream_token(f"\n{text}"))
         try:
             description = await service().switch_model(state.chat, spec.id, on_status=on_status)
         except Exception as exc:
@@ -230,21 +234,21 @@ async def _load(state: chat_ui.UiState, spec: ModelSpec) -> tuple[str | None, st
 
 @cl.on_chat_start
 async def start_chat() -> None:
-    await cl.context.emitter.set_commands(chat_ui.COMMANDS + train_ui.COMMANDS)
+    await cl.context.emitter.set_commands(ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
     state = await _new_state(choices)
-    choice = chat_ui.find_choice(choices, state.chat.model_id) if state else None
-    await cl.Message(content=chat_ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
+    choice = ui.find_choice(choices, state.chat.model_id) if state else None
+    await cl.Message(content=ui.welcome_text(choice, choices, public_url=tunnel.tunnel_url())).send()
     await train_chat.show_active()  # a run of this user's still training: its progress, here too
 
 
 @cl.on_chat_resume
 async def resume_chat(thread: dict) -> None:
     # Chainlit shows the stored messages; the session gets back its conversation, model and settings.
-    await cl.context.emitter.set_commands(chat_ui.COMMANDS + train_ui.COMMANDS)
+    await cl.context.emitter.set_commands(ui.COMMANDS + train_ui.COMMANDS)
     choices = await _listing()
-    default = await asyncio.to_thread(service().catalog.default_model)
-    state, notes = history.resumed_state(thread, choices, chat_ui.default_choice(choices, default))
+    default = await asyncio.to_thread(default_model, service().catalog)
+    state, notes = ui.resumed_state(thread, choices, ui.default_choice(choices, default))
     if state is None:
         await _error("\n\n".join(notes))
         return
@@ -261,22 +265,22 @@ async def update_settings(values: dict) -> None:
     if state is None:
         return
     choices = await _listing()
-    change = chat_ui.read_settings(values, state, choices)
-    chat_ui.apply_settings(state, change)
+    change = ui.read_settings(values, state, choices)
+    ui.apply_settings(state, change)
     notes = [*change.problems, *([change.refused] if change.refused else [])]
     if change.model_id:
-        previous = chat_ui.find_choice(choices, state.chat.model_id)
-        new = chat_ui.find_choice(choices, change.model_id).spec
+        previous = ui.find_choice(choices, state.chat.model_id)
+        new = ui.find_choice(choices, change.model_id).spec
         description, failure = await _load(state, new)
         if failure:
             notes.append(
                 f"Could not switch to `{new.id}`: {failure}\n\nStill answering with `{state.chat.model_id}`."
             )
         else:
-            changed, kept = chat_ui.settings_for_new_model(state, new)
+            changed, kept = ui.settings_for_new_model(state, new)
             task_changed = previous is None or previous.spec.task != new.task
             notes.append(
-                chat_ui.switched_text(new, description, task_changed=task_changed, changed=changed, kept=kept)
+                ui.switched_text(new, description, task_changed=task_changed, changed=changed, kept=kept)
             )
     # Always re-sent: the widgets then show what is in effect (a refused model, a rejected value,
     # the new model's defaults).
@@ -289,7 +293,7 @@ async def update_settings(values: dict) -> None:
 async def answer(message: cl.Message) -> None:
     svc = service()
     training, rest = train_chat.command_of(message.command, message.content)  # /train, /jobs
-    command = training or chat_ui.command_of(message.command, message.content)
+    command = training or ui.command_of(message.command, message.content)
     if command:
         if not message.content.strip():
             # Picked from the command menu, the message is empty: an empty pill in the chat. Say
@@ -303,29 +307,29 @@ async def answer(message: cl.Message) -> None:
             await train_chat.train(rest, [e for e in message.elements if getattr(e, "path", None)])
         elif training == train_ui.JOBS_COMMAND:
             await train_chat.jobs_list()
-        elif command == chat_ui.STATUS_COMMAND:
+        elif command == ui.STATUS_COMMAND:
             status = await asyncio.to_thread(svc.status)
-            names = chat_ui.status_names(await asyncio.to_thread(svc.catalog.list))
-            await cl.Message(content=chat_ui.status_markdown(status, names), author="Babl").send()
+            names = ui.status_names(await asyncio.to_thread(svc.catalog.list))
+            await cl.Message(content=ui.status_markdown(status, names), author="Babl").send()
         else:
             await _export(state)
         return
     choices = await _listing()
     state = _state() or await _new_state(choices)
     if state is None:
-        await _error(chat_ui.welcome_text(None, choices, public_url=None))
+        await _error(ui.welcome_text(None, choices, public_url=None))
         return
     if state.named_by != "question":
         # Chainlit names a thread after its first message; when that was a command, the first
         # question names it instead.
         if state.named_by == "command":
-            await history.name_thread(history.title_of(message.content))
+            await conversations.name_thread(conversations.title_of(message.content))
         state.named_by = "question"
-    if chat_ui.listing_key(choices) != state.listing:
+    if ui.listing_key(choices) != state.listing:
         await _send_settings(state, choices)  # a new adapter or model: shown at the next message
     state.begin_turn(message.id)  # an edited message rewinds the conversation to before it
     stop_event = state.new_stop_event()
-    await chat_ui.finish_even_if_cancelled(_answer_turn(state, message.content, message.id), stop_event.set)
+    await ui.finish_even_if_cancelled(_answer_turn(state, message.content, message.id), stop_event.set)
 
 
 def _status_message() -> Callable[[str], Awaitable[None]]:
@@ -343,18 +347,18 @@ def _status_message() -> Callable[[str], Awaitable[None]]:
     return show
 
 
-async def _export(state: chat_ui.UiState | None) -> None:
+async def _export(state: ui.UiState | None) -> None:
     count = len(state.chat.messages) if state else 0
     files = []
     if state and count:
-        tasks = history.model_tasks(await asyncio.to_thread(service().catalog.list))
-        attachments = history.export_attachments(state.chat, preview=state.preview, tasks=tasks)
+        tasks = export.model_tasks(await asyncio.to_thread(service().catalog.list))
+        attachments = export.export_attachments(state.chat, preview=state.preview, tasks=tasks)
         files = [cl.File(display="inline", **attachment) for attachment in attachments]
-    await cl.Message(content=chat_ui.export_text(count), author="Babl", elements=files).send()
-    await history.store_elements(files)
+    await cl.Message(content=ui.export_text(count), author="Babl", elements=files).send()
+    await conversations.store_elements(files)
 
 
-async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> None:
+async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
     svc = service()
     try:
         svc.check_message(text)  # before any load: an empty or huge message fails at once
@@ -366,29 +370,27 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
                 return
         # Waits are reported (a place in the admission queue, every model slot busy, another request
         # loading this base) in one message that changes, not a new message for each change.
-        on_status = chat_ui.status_callback(_status_message())
+        on_status = ui.status_callback(_status_message())
         reply = svc.respond(
             state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client()
         )
-    except chat_ui.USER_ERRORS as exc:
-        await _error(chat_ui.error_text(exc))
+    except ui.USER_ERRORS as exc:
+        await _error(ui.error_text(exc))
         return
     await _remove_compare_button(state)
     view = ChainlitAnswer(
-        author=reply.model_id, turn=lambda: history.turn_record(state.chat, reply, question_id=message_id)
+        author=reply.model_id, turn=lambda: ui.turn_record(state.chat, reply, question_id=message_id)
     )
     try:
-        await chat_ui.stream_answer(
-            reply, view, task=spec.task, preview=state.preview, preview_id=view.message.id
-        )
-    except chat_ui.USER_ERRORS as exc:
-        await _error(chat_ui.error_text(exc))
+        await ui.stream_answer(reply, view, task=spec.task, preview=state.preview, preview_id=view.message.id)
+    except ui.USER_ERRORS as exc:
+        await _error(ui.error_text(exc))
         return
     # Stored before the turn ends (Chainlit's own writes are background tasks): a restart right
     # after the answer loses nothing.
-    await history.store_message(view.message.to_dict())
-    await history.store_elements(view.elements)
-    await history.save_settings(state)
+    await conversations.store_message(view.message.to_dict())
+    await conversations.store_elements(view.elements)
+    await conversations.save_settings(ui.settings_snapshot(state))
     if spec.adapter:
         action = cl.Action(
             name=COMPARE,
@@ -401,7 +403,7 @@ async def _answer_turn(state: chat_ui.UiState, text: str, message_id: str) -> No
         state.compare_action = action
 
 
-async def _remove_compare_button(state: chat_ui.UiState) -> None:
+async def _remove_compare_button(state: ui.UiState) -> None:
     # Compare always re-asks the latest question, so only the latest answer carries the button.
     if state.compare_action is not None:
         await state.compare_action.remove()
@@ -419,14 +421,14 @@ async def compare_with_base(action: cl.Action) -> None:
     await _compare(state)
 
 
-async def _compare(state: chat_ui.UiState) -> None:
+async def _compare(state: ui.UiState) -> None:
     await _remove_compare_button(state)
     stop_event = state.new_stop_event()
     await cl.context.emitter.task_start()  # action callbacks get no stop button by themselves
     try:
         reply = service().compare_with_base(state.chat, stop_event=stop_event, client=_client())
         view = ChainlitAnswer(author=reply.model_id)
-        await chat_ui.stream_answer(
+        await ui.stream_answer(
             reply,
             view,
             task=reply.spec.task,
@@ -434,13 +436,13 @@ async def _compare(state: chat_ui.UiState) -> None:
             header=f"**The same prompt on the base model, {reply.model_id}, without the adapter:**\n\n",
             preview_id=view.message.id,
         )
-    except chat_ui.USER_ERRORS as exc:
-        await _error(chat_ui.error_text(exc))
+    except ui.USER_ERRORS as exc:
+        await _error(ui.error_text(exc))
     finally:
         await cl.context.emitter.task_end()
 
 
-# --- training from the chat (babl_core.train_chat) -------------------------------------------------
+# --- training from the chat (babl_core.web.train_chat) -------------------------------------------------
 @cl.action_callback(train_chat.STOP_ACTION)
 async def stop_training(action: cl.Action) -> None:
     await train_chat.stop_job(action)
@@ -451,25 +453,23 @@ async def resume_training(action: cl.Action) -> None:
     await train_chat.resume_job(action)
 
 
-async def _switch_to(model_id: str) -> chat_ui.UiState | None:
+async def _switch_to(model_id: str) -> ui.UiState | None:
     """Switch this chat to `model_id` as the settings' dropdown would (the listing finds new adapters)."""
     choices = await _listing()
     state = _state() or await _new_state(choices)
-    choice = chat_ui.find_choice(choices, model_id)
+    choice = ui.find_choice(choices, model_id)
     if state is None or choice is None:
         await _error(f"`{model_id}` is not in the model list (was its folder removed?).")
         return None
-    previous = chat_ui.find_choice(choices, state.chat.model_id)
+    previous = ui.find_choice(choices, state.chat.model_id)
     description, failure = await _load(state, choice.spec)
     if failure:
         await _error(f"Could not switch to `{model_id}`: {failure}")
         return None
-    changed, kept = chat_ui.settings_for_new_model(state, choice.spec)
+    changed, kept = ui.settings_for_new_model(state, choice.spec)
     task_changed = previous is None or previous.spec.task != choice.spec.task
     await _send_settings(state, choices)
-    text = chat_ui.switched_text(
-        choice.spec, description, task_changed=task_changed, changed=changed, kept=kept
-    )
+    text = ui.switched_text(choice.spec, description, task_changed=task_changed, changed=changed, kept=kept)
     await cl.Message(content=text, author="Babl").send()
     return state
 

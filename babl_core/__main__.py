@@ -24,7 +24,8 @@ def _err(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the catalog with each entry's availability."""
-    from babl_core.catalog import Catalog, CatalogError, availability
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     try:
         catalog = Catalog.load()
@@ -64,13 +65,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one answer to stdout through the same path as the chat app."""
     import asyncio
 
-    from babl_core.cache import ModelBusy
-    from babl_core.catalog import CatalogError, UnknownModel
-    from babl_core.chat import BadMessage, ChatService, ChatSession
-    from babl_core.generation import GenerationError
-    from babl_core.generation_settings import SETTINGS
-    from babl_core.loading import ModelUnavailable
-    from babl_core.words import count
+    from babl_core.engine.cache import ModelBusy
+    from babl_core.engine.catalog import CatalogError, UnknownModel
+    from babl_core.engine.generation import GenerationError
+    from babl_core.engine.generation_settings import SETTINGS
+    from babl_core.engine.loaded import ModelUnavailable
+    from babl_core.engine.service import BadMessage, ChatService, ChatSession
+    from babl_core.engine.words import count
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     settings = {name: getattr(args, name) for name in SETTINGS}
@@ -140,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     """Download an entry's base and adapter from the hub into the HF cache; for an entry with a GGUF
     file, fetch it if it is a hub file and convert it to safetensors once."""
-    from babl_core.catalog import Catalog, UnknownModel, is_offline, looks_like_path
+    from babl_core.engine.catalog import Catalog, UnknownModel, is_offline, looks_like_path
 
     try:
         spec = Catalog.load().get(args.model)
@@ -184,8 +185,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _prepare_gguf(spec) -> int:
     """A GGUF entry: fetch the file when it is a hub file, and convert it once (progress on stderr)."""
-    from babl_core.gguf import GGUFUnavailable, converted_dir
-    from babl_core.loading import plan_load
+    from babl_core.engine.gguf import GGUFUnavailable, converted_dir
+    from babl_core.engine.loading import plan_load
 
     try:
         folder = converted_dir(spec, plan_load(spec).dtype)
@@ -200,8 +201,8 @@ def _prepare_gguf(spec) -> int:
 
 def cmd_verify_gguf(args: argparse.Namespace) -> int:
     """Check the sha256 of each GGUF file in the catalog whose released checksum Babl knows."""
-    from babl_core.catalog import Catalog
-    from babl_core.gguf import KNOWN_SHA256, GGUFUnavailable, verify
+    from babl_core.engine.catalog import Catalog
+    from babl_core.engine.gguf import KNOWN_SHA256, GGUFUnavailable, verify
 
     seen: set[str] = set()
     status = EXIT_OK
@@ -259,7 +260,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        from babl_core.chat import format_status
+        from babl_core.engine.service import format_status
 
         print(format_status(data))
     return EXIT_OK
@@ -268,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_adduser(args: argparse.Namespace) -> int:
     """Add or update a login in a users file (scrypt hashes)."""
     try:
-        from babl_core.auth import adduser_interactive
+        from babl_core.web.auth import adduser_interactive
     except ImportError:
         _err("adduser is not built yet")
         return EXIT_FAILED
@@ -284,7 +285,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
     """Local engines besides transformers: `engines` says where llama-server is (or how to get it);
     `engines build llama.cpp` builds it once from the llama-cpp-python sdist's sources (cmake, ninja,
     g++; about 15 minutes on 2 cores), cached by version and CPU under BABL_CACHE_DIR or ~/.cache/babl."""
-    from babl_core import llama_cpp
+    from babl_core.engine import llama_cpp
 
     if args.action == "build":
         if args.engine != "llama.cpp":
@@ -309,7 +310,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the chat app and its API (what `make run` starts), from any folder."""
-    from babl_core.launch import serve
+    from babl_core.web.launch import serve
 
     return serve(host=args.host, port=args.port, tunnel=args.tunnel, headless=args.headless)
 
@@ -331,7 +332,7 @@ def _prog() -> str:
 def add_setting_options(parser: argparse.ArgumentParser) -> None:
     """One option per generation setting (`generation_settings.SETTINGS`): its help, its bounds, and a
     value out of bounds refused by argparse (exit code 2) before anything loads."""
-    from babl_core.generation_settings import SETTINGS, Setting
+    from babl_core.engine.generation_settings import SETTINGS, Setting
 
     def checked(setting: Setting):
         def convert(text: str):

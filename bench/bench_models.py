@@ -55,8 +55,8 @@ def model_dir(model: str, tmp: Path, *, tiny: bool = False) -> Path:
     """The benchmark model's directory: the 105M Llama built in `tmp` (or the tiny one with `tiny`),
     or SmolLM2's float32 folder converted from its GGUF (the entries' own conversion, made once)."""
     if model == "smollm2":
-        from babl_core.catalog import Catalog
-        from babl_core.gguf import converted_dir
+        from babl_core.engine.catalog import Catalog
+        from babl_core.engine.gguf import converted_dir
 
         return converted_dir(Catalog.load(ROOT / "configs" / "models.yaml").get("smollm2-chat"), "float32")
     return build_llama_105m(tmp / "llama-105m", tiny=tiny)

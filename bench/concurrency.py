@@ -192,8 +192,8 @@ def logit_drift(model_dir: Path, dtype: str, quantization: str, steps: int = 32)
     """Teacher-forced on fp32's greedy tokens: max/mean |Δlogit| and how often the top-1 agrees."""
     import torch
 
-    from babl_core.catalog import ModelSpec
-    from babl_core.loading import load_model, release
+    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.loading import load_model, release
 
     def spec(d, q):
         return ModelSpec(id="drift", label="drift", task="chat", base=str(model_dir), kind="causal",
@@ -276,7 +276,7 @@ def main() -> int:
         babl_url = None
         if args.inprocess:
             os.environ["BABL_MODELS"] = str(catalog)
-            from babl_core.chat import ChatService
+            from babl_core.engine.service import ChatService
 
             service = ChatService()
         elif args.babl_url:

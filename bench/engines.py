@@ -55,8 +55,8 @@ TRANSFORMERS = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "nf4"
 
 def gguf_files(precisions: list[str], work: Path) -> dict[str, Path]:
     """The GGUF file of each precision: the shipped Q4_1, and f32/bf16 converted once into `work`."""
-    from babl_core import gguf, llama_cpp
-    from babl_core.catalog import Catalog
+    from babl_core.engine import gguf, llama_cpp
+    from babl_core.engine.catalog import Catalog
 
     shipped = gguf.locate(gguf.parse_ref(SHIPPED, SMOLLM2))
     files = {"q4_1": shipped}
@@ -80,8 +80,8 @@ def lora_exports(work: Path) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from babl_core import gguf
-    from babl_core.catalog import Catalog
+    from babl_core.engine import gguf
+    from babl_core.engine.catalog import Catalog
     from finetune.export import export_gguf_lora
 
     base = gguf.converted_dir(Catalog.load().get("smollm2-chat"), "float32")
@@ -120,8 +120,8 @@ def sampling_fields(tokens: int) -> dict:
     """The sampling fields Babl's engine sends llama-server for these greedy requests: the bare server
     gets them too, so the two differ only by Babl's path (not by llama-server's default top_k 40 /
     min_p against Babl's top_k 1 for greedy answers)."""
-    from babl_core.generation import GenerationParams
-    from babl_core.llama_cpp import llama_fields
+    from babl_core.engine.generation import GenerationParams
+    from babl_core.engine.llama_cpp import llama_fields
 
     params = GenerationParams(max_new_tokens=tokens, temperature=0)
     return {"top_p": params.top_p} | llama_fields(params, [])
@@ -209,7 +209,7 @@ def main() -> int:
         if "--tokens" not in sys.argv:
             args.tokens = 32
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the child servers on the way out
-    from babl_core import llama_cpp
+    from babl_core.engine import llama_cpp
 
     binary = llama_cpp.find_server()
     if binary is None:

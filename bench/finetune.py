@@ -254,7 +254,7 @@ def prepared(config):
     """The model wrapped in LoRA and the tokenized rows, set up exactly as the causal recipe does."""
     from peft import get_peft_model
 
-    from babl_core.loading import load_base, plan_load
+    from babl_core.engine.loading import load_base, plan_load
     from finetune import factories
     from finetune.data import prepare_data
 

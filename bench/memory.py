@@ -74,7 +74,7 @@ def child(scenario: str, sessions: int, tokens: int) -> dict:
     import torch  # noqa: F401  (imported first, so rss_imports_mb counts the libraries)
     import transformers  # noqa: F401
 
-    from babl_core.chat import ChatService, ChatSession
+    from babl_core.engine.service import ChatService, ChatSession
 
     service = ChatService()
     settings = {"temperature": 0, "max_new_tokens": tokens}

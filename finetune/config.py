@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
-from babl_core.generation_settings import SETTINGS
+from babl_core.engine.generation_settings import SETTINGS
 
 KINDS = ("causal", "seq2seq", "auto")
 QUANTIZATIONS = ("nf4", "int8", "none", "auto")
@@ -65,7 +65,7 @@ class RunArgs:
     task: str | None = setting(None, "what the adapter is for", settings.TASKS, required=True)
     label: str | None = setting(None, "dropdown label (default: '<run_name> (LoRA on <base>)')")
     prompt_style: str | None = setting(
-        None, "prompt style from babl_core.prompts (default: the task's usual style)"
+        None, "prompt style from babl_core.engine.prompts (default: the task's usual style)"
     )
     overwrite: bool = setting(
         False, "replace an existing adapter of this name, or checkpoints an interrupted run left"
@@ -266,7 +266,7 @@ class FinetuneConfig:
 
     @property
     def style_name(self) -> str:
-        from babl_core.catalog import DEFAULT_STYLE_FOR_TASK
+        from babl_core.engine.catalog import DEFAULT_STYLE_FOR_TASK
 
         return self.run.prompt_style or DEFAULT_STYLE_FOR_TASK[self.run.task]
 
@@ -452,15 +452,15 @@ def build_config(
 
 def detect_kind(base: str) -> str:
     """causal or seq2seq, from the base's config.json when it is on disk, else from its name."""
-    from babl_core.catalog import ModelSpec
-    from babl_core.catalog import detect_kind as detect
+    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.catalog import detect_kind as detect
 
     return detect(ModelSpec(id="base", label="base", task="chat", base=base))
 
 
 def validate(config: FinetuneConfig) -> list[str]:
     """Checks within the config (no files or network); returns every problem with its fix."""
-    from babl_core.catalog import PROMPT_STYLES
+    from babl_core.engine.catalog import PROMPT_STYLES
 
     problems: list[str] = []
     run, model, data, adapter, train = config.run, config.model, config.data, config.adapter, config.train
@@ -552,14 +552,14 @@ def validate(config: FinetuneConfig) -> list[str]:
 
 def has_context_field(style_name: str) -> bool:
     """Whether a prompt style reads an optional context passage (the styles the context experiment uses)."""
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     return "context" in get_style(style_name).optional_fields
 
 
 def context_styles() -> list[str]:
     """The names of the prompt styles with an optional context passage."""
-    from babl_core.prompts import STYLES
+    from babl_core.engine.prompts import STYLES
 
     return [name for name, style in STYLES.items() if "context" in style.optional_fields]
 
@@ -594,7 +594,7 @@ def _eval_problems(config: FinetuneConfig) -> list[str]:
 
 
 def _check_column_keys(config: FinetuneConfig) -> list[str]:
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     style = get_style(config.style_name)
     names = (*style.required_fields, *style.optional_fields)
@@ -647,12 +647,12 @@ def is_local_dataset(name: str) -> bool:
 
 def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -> list[str]:
     """Problems with the base, the data set, the run name and the checkpoints on this machine."""
-    from babl_core.catalog import is_offline, looks_like_path
+    from babl_core.engine.catalog import is_offline, looks_like_path
 
     problems: list[str] = []
     base = config.model.base
     if config.model.gguf_file:
-        from babl_core.gguf import availability as gguf_availability
+        from babl_core.engine.gguf import availability as gguf_availability
 
         word, reason = gguf_availability(config.model.gguf_file, base)
         if word == "unavailable":
@@ -666,7 +666,7 @@ def environment_problems(config: FinetuneConfig, *, for_training: bool = True) -
                 fix = "fix the path, or name a hub id such as Salesforce/codegen-350M-mono"
             problems.append(f"base: no model at {settings.portable_path(path)} (config.json missing); {fix}")
     elif is_offline():
-        from babl_core.catalog import hub_cached_dir
+        from babl_core.engine.catalog import hub_cached_dir
 
         if hub_cached_dir(base) is None:
             problems.append(
@@ -754,9 +754,9 @@ def launch_problems(config: FinetuneConfig) -> list[str]:
         return []
     quantization = config.model.quantization
     if quantization == "auto" and config.model.kind == "causal":
-        from babl_core.devices import resolve_device
+        from babl_core.engine.devices import resolve_device
 
-        quantization = "nf4" if resolve_device().startswith("cuda") else "none"  # as babl_core.loading
+        quantization = "nf4" if resolve_device().startswith("cuda") else "none"  # as babl_core.engine.loading
     if quantization not in ("nf4", "int8"):
         return []
     what = (
@@ -779,7 +779,7 @@ def _hub_dataset_cached(name: str) -> bool:
 
 def claiming_entry(run_name: str):
     """The catalog entry whose `adapter` is models/adapters/<run_name> (training fills it), or None."""
-    from babl_core.catalog import Catalog, looks_like_path
+    from babl_core.engine.catalog import Catalog, looks_like_path
 
     target = (settings.adapters_dir() / run_name).resolve()
     for spec in Catalog.load().entries:
@@ -794,7 +794,7 @@ def claiming_entry(run_name: str):
 
 def output_problems(config: FinetuneConfig) -> list[str]:
     """Run-name and checkpoint checks (DESIGN.md "Adapters"): refuse to clobber anything silently."""
-    from babl_core.catalog import Catalog, CatalogError
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     problems: list[str] = []
     run = config.run

@@ -1,5 +1,5 @@
 """Training examples: rows from a hub data set or a local file, mapped onto a prompt style's fields,
-formatted by `babl_core.prompts` and tokenized with their loss mask.
+formatted by `babl_core.engine.prompts` and tokenized with their loss mask.
 
 The prompt text comes only from `PromptStyle.training_pair`, the same code the app renders chat prompts
 with, so a model is trained on exactly the format it is served with. The rules of that module apply:
@@ -18,7 +18,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from babl_core import settings, words
+from babl_core import settings
+from babl_core.engine import words
 from finetune.config import LOCAL_DATA_SUFFIXES, DataArgs, FinetuneConfig, is_local_dataset
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def load_split(config: FinetuneConfig) -> SplitRows:
     Raises:
         DataError: unreadable data or missing columns.
     """
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     data = config.data
     style = get_style(config.style_name)

@@ -3,11 +3,11 @@ answers generated the way the app generates them.
 
 What is measured is what users get:
 - the model is loaded as the app serves it: the catalog entry the adapter fills, or the entry the app
-  lists it as (same base, quantization and dtype), through `babl_core.loading`;
-- prompts come from `babl_core.prompts` (the style's `training_pair`, whose prompt equals the chat
-  rendering of the same content; `predict`'s own queries go through `babl_core.chat.render_prompt`);
-- answers are decoded by `babl_core.generation.stream` with the entry's settings as
-  `babl_core.chat.params_for` merges them (max_new_tokens, repetition penalty, the style's stop strings),
+  lists it as (same base, quantization and dtype), through `babl_core.engine.loading`;
+- prompts come from `babl_core.engine.prompts` (the style's `training_pair`, whose prompt equals the chat
+  rendering of the same content; `predict`'s own queries go through `babl_core.engine.service.render_prompt`);
+- answers are decoded by `babl_core.engine.batching.stream` with the entry's settings as
+  `babl_core.engine.service.params_for` merges them (max_new_tokens, repetition penalty, the style's stop strings),
   except that they are greedy unless `eval_temperature` says otherwise, so a score can be repeated.
 
 Task metrics (`finetune.metrics`): qa → SQuAD exact match and F1 against every accepted answer; email →
@@ -42,7 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from babl_core import settings, words
+from babl_core import settings
+from babl_core.engine import words
 from finetune.config import FinetuneConfig, build_config, read_yaml
 from finetune.model_card import TASK_METRIC_NAMES
 
@@ -76,7 +77,7 @@ class EvalTarget:
     spec: Any
     """The `ModelSpec` the app serves it with."""
     info: Any
-    """Its `babl.json` as a `babl_core.catalog.AdapterInfo`."""
+    """Its `babl.json` as a `babl_core.engine.catalog.AdapterInfo`."""
 
     @property
     def name(self) -> str:
@@ -118,7 +119,13 @@ def resolve_target(
         EvalError: no trained model there, or no settings to evaluate it with.
         ConfigError: the settings have problems (each with its fix).
     """
-    from babl_core.catalog import Catalog, GenerationDefaults, ModelSpec, looks_like_path, read_adapter_info
+    from babl_core.engine.catalog import (
+        Catalog,
+        GenerationDefaults,
+        ModelSpec,
+        looks_like_path,
+        read_adapter_info,
+    )
     from finetune.config import EvalArgs, load_config
 
     if adapter is None and config_path is None:
@@ -288,7 +295,7 @@ def humaneval_examples(config: FinetuneConfig, tokenizer, *, style) -> list[Exam
 
 def generation_params(target: EvalTarget):
     """The entry's generation settings as the app merges them, with the eval settings on top."""
-    from babl_core.chat import params_for
+    from babl_core.engine.service import params_for
 
     evaluation = target.config.eval
     return params_for(
@@ -301,7 +308,7 @@ def generation_params(target: EvalTarget):
 
 def fits_context(loaded, example: Example, max_new_tokens: int) -> bool:
     """Whether the app would accept this prompt: it and the answer fit the model's context."""
-    from babl_core.prompts import count_tokens
+    from babl_core.engine.prompts import count_tokens
 
     count = count_tokens(loaded.tokenizer, example.prompt, add_special_tokens=example.add_special_tokens)
     available = loaded.context_length - (0 if loaded.kind == "seq2seq" else max_new_tokens)
@@ -313,8 +320,8 @@ AnswerFn = Callable[[Example, Any], str]
 
 
 def model_answer_fn(loaded) -> AnswerFn:
-    """Answers from `loaded` through the app's generation path (`babl_core.generation.stream`)."""
-    from babl_core.generation import generate_text
+    """Answers from `loaded` through the app's generation path (`babl_core.engine.batching.stream`)."""
+    from babl_core.engine.batching import generate_text
 
     def answer(example: Example, params) -> str:
         return generate_text(loaded, example.prompt, params, add_special_tokens=example.add_special_tokens)
@@ -324,13 +331,13 @@ def model_answer_fn(loaded) -> AnswerFn:
 
 EVAL_CONCURRENCY = 4
 """Answers asked at once from the model (not from a test's answer_fn): they share the app's continuous
-batch (`babl_core.batching`), each decoding step serving all of them; on 2 CPU cores 4 rows give
+batch (`babl_core.engine.batching`), each decoding step serving all of them; on 2 CPU cores 4 rows give
 about 3x the tokens/s of one (ENVIRONMENT.md), so a 135M model's eval fits its time budget."""
 
 
 def model_concurrency(loaded) -> int:
     """How many answers to ask `loaded` at once: EVAL_CONCURRENCY when its requests share a batch."""
-    from babl_core import batching
+    from babl_core.engine import batching
 
     if loaded.kind != "causal" or not batching.batching_enabled():
         return 1
@@ -424,7 +431,7 @@ def score_answers(
         timeout_s: per program, for code tasks.
         unsafe: run code without the sandbox where it cannot start (`metrics.run_code_tests`).
     """
-    from babl_core.render import extract_html
+    from babl_core.web.render import extract_html
     from finetune import metrics
 
     firsts = [a[0] for a in answers]
@@ -593,7 +600,7 @@ def metric_key(name: str) -> str:
 
 def load_target_model(target: EvalTarget):
     """The model as the app would load it for this entry (base, quantization, dtype, adapter)."""
-    from babl_core.loading import load_model
+    from babl_core.engine.loading import load_model
 
     return load_model(target.spec)
 
@@ -621,7 +628,7 @@ def run_eval(
         DataError: the data set cannot be read.
         ModelUnavailable: the model cannot be loaded here.
     """
-    from babl_core.loading import release
+    from babl_core.engine.loading import release
     from finetune.data import load_split
 
     started = time.perf_counter()

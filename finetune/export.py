@@ -3,7 +3,7 @@
 llama.cpp's own converter (`convert_lora_to_gguf.py`, from the same sources `llama-server` was built
 from, so the file format matches the server) writes `adapter.gguf` next to the PEFT files. The base's
 config comes from the folder the adapter was trained on: for a GGUF base, its converted safetensors
-folder (`babl_core.gguf.converted_dir`). The app's llama.cpp engine loads the export when a session
+folder (`babl_core.engine.gguf.converted_dir`). The app's llama.cpp engine loads the export when a session
 first uses the adapter (restarting that base's server while no answer runs on it).
 """
 
@@ -26,8 +26,8 @@ class ExportError(RuntimeError):
 
 def base_config_dir(run_dir: Path) -> Path:
     """A folder with the base's config.json (the converter reads the architecture from it)."""
-    from babl_core import gguf
-    from babl_core.catalog import hub_cached_dir, looks_like_path, read_adapter_info
+    from babl_core.engine import gguf
+    from babl_core.engine.catalog import hub_cached_dir, looks_like_path, read_adapter_info
 
     info = read_adapter_info(run_dir)
     if info.gguf_file:
@@ -48,7 +48,7 @@ def export_gguf_lora(adapter: str, *, outtype: str = "f32") -> Path:
         ExportError: no adapter there, no llama.cpp sources (build the engine first), or the converter
             failed (its last lines are in the message).
     """
-    from babl_core import llama_cpp
+    from babl_core.engine import llama_cpp
     from finetune.merge import MergeError, resolve_adapter_dir
 
     try:

@@ -1,7 +1,7 @@
 """Small factories that turn a run config into the Hugging Face objects the recipes use.
 
 They are shared by every recipe (and with the app, where the app has the same need): the device and
-quantization policy come from `babl_core.loading`, so a base is quantized for training exactly as it is
+quantization policy come from `babl_core.engine.loading`, so a base is quantized for training exactly as it is
 for serving (the seeds' nf4 double-quant `BitsAndBytesConfig`).
 """
 
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from babl_core import settings
-from babl_core.catalog import ModelSpec
+from babl_core.engine.catalog import ModelSpec
 from finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def training_device() -> str:
     """`BABL_DEVICE` (auto: CUDA when present); under `accelerate launch`, this process's own GPU."""
-    from babl_core.devices import resolve_device
+    from babl_core.engine.devices import resolve_device
 
     device = resolve_device()
     local_rank = os.environ.get("LOCAL_RANK")
@@ -33,7 +33,7 @@ def training_device() -> str:
 
 
 def model_spec(config: FinetuneConfig) -> ModelSpec:
-    """The base as a catalog entry, so `babl_core.loading` applies the app's policy to it."""
+    """The base as a catalog entry, so `babl_core.engine.loading` applies the app's policy to it."""
     model = config.model
     in_demo_dir = False
     if model.base:

@@ -19,7 +19,7 @@ with the fix in the message.
 
 The check: logits of base + adapter on a few examples in the adapter's prompt style (prompt and answer, so
 the answer positions count too) are computed before merging; the merged weights are saved to a staging
-directory, loaded back through `babl_core.loading` as the app would load them, and run on the same
+directory, loaded back through `babl_core.engine.loading` as the app would load them, and run on the same
 examples. The largest absolute logit difference is reported; above `--tolerance` (default by dtype:
 0.01 for float32, 0.05 for float16, 0.25 for bfloat16) the staged output is deleted and the command exits
 1. Only a checked merge is renamed into place, so `models/merged/` never holds an unchecked export.
@@ -30,17 +30,15 @@ Heavy imports happen inside the functions, so `--help` is instant.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from babl_core import settings, words
+from babl_core import settings
 
 log = logging.getLogger("finetune")
 
@@ -205,7 +203,7 @@ def resolve_adapter_dir(value: str) -> Path:
 
 def quantized_checkpoint_reason(base: str) -> str | None:
     """Why `base` is a checkpoint saved quantized (its config.json has a quantization_config), or None."""
-    from babl_core.catalog import hub_cached_dir, looks_like_path
+    from babl_core.engine.catalog import hub_cached_dir, looks_like_path
 
     config_dir = settings.resolve_path(base) if looks_like_path(base) else hub_cached_dir(base)
     if config_dir is None or not (config_dir / "config.json").is_file():
@@ -226,7 +224,7 @@ def quantized_checkpoint_reason(base: str) -> str | None:
 
 def _catalog_twin(adapter_dir: Path, base: str):
     """The catalog entry serving this adapter (claimed or discovered), or one on the same base, or None."""
-    from babl_core.catalog import Catalog, CatalogError
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     try:
         catalog = Catalog.load()
@@ -263,8 +261,8 @@ def plan_merge(
     Raises:
         MergeError: every problem found, in one message.
     """
-    from babl_core.catalog import DEFAULT_STYLE_FOR_TASK, ModelSpec, detect_kind
-    from babl_core.devices import resolve_device
+    from babl_core.engine.catalog import DEFAULT_STYLE_FOR_TASK, ModelSpec, detect_kind
+    from babl_core.engine.devices import resolve_device
 
     problems: list[str] = []
     if quantization in QUANTIZED:
@@ -361,7 +359,7 @@ def check_inputs(tokenizer, *, style_name: str, kind: str) -> list[dict]:
     """Model inputs (CPU tensors) for the check: each example's prompt and answer in the adapter's style."""
     import torch
 
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     style = get_style(style_name)
     names = (*style.required_fields, *style.optional_fields)
@@ -432,8 +430,9 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
     """
     from peft import PeftModel
 
-    from babl_core.catalog import ModelSpec
-    from babl_core.loading import LoadPlan, load_base, release
+    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.loaded import LoadPlan
+    from babl_core.engine.loading import load_base, release
     from finetune.factories import quiet_training_noise
 
     started = time.perf_counter()
@@ -532,111 +531,3 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass  # another merge is staging there, or it is gone already
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `merge` on `python -m finetune`'s subcommands."""
-    parser = subparsers.add_parser(
-        "merge",
-        help="merge an adapter into its unquantized base for export (checked against base + adapter)",
-        usage="python -m finetune merge (--adapter DIR | --config FILE) [--out DIR] [--base REF] "
-        "[--dtype D] [--tolerance T] [--overwrite]",
-        description="Merge a LoRA adapter into its base, loaded unquantized (never 4-/8-bit), save the "
-        "result (safetensors + tokenizer), reload it and compare its logits with base + adapter; fail "
-        "above the tolerance. Exit codes: 0 ok, 1 check failed, 2 bad arguments or refused, 3 base "
-        "unavailable.",
-        allow_abbrev=False,
-    )
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--adapter", metavar="DIR", help="adapter directory or run name, e.g. models/adapters/demo-html-lora"
-    )
-    which.add_argument(
-        "--config", metavar="FILE", help="the run's training config: merges the adapter it trained"
-    )
-    parser.add_argument("--out", metavar="DIR", help="output directory (default: models/merged/<run>)")
-    parser.add_argument(
-        "--base", metavar="REF", help="base to merge into (default: the one in the adapter's babl.json)"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPES,
-        help="weight dtype of the merge and the export (auto: float32 on CPU, the entry's dtype on CUDA)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--quantization", default="none", metavar="none",
-        help="always none: merging into nf4/int8 weights is refused (quantize when serving instead)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tolerance", type=float, metavar="T",
-        help="largest allowed absolute logit difference (default: 0.01 float32, 0.05 float16, 0.25 bfloat16)",
-    )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.set_defaults(func=cmd_merge)
-    return parser
-
-
-def cmd_merge(args: argparse.Namespace, overrides: dict[str, str], unknown: list[str]) -> int:
-    """`python -m finetune merge`: plan (refusals), merge, check, print the result and a catalog entry."""
-    from finetune.__main__ import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, _err, _setup_logging
-
-    if unknown:
-        _err(f"merge: unknown arguments {' '.join(unknown)}; see `python -m finetune merge --help`")
-        return EXIT_USAGE
-    _setup_logging()
-    adapter, entry_dtype = args.adapter, None
-    if args.config:
-        from finetune.config import ConfigError, load_config
-
-        try:
-            config = load_config(args.config, check_environment=False)
-        except ConfigError as exc:
-            _err(str(exc))
-            return EXIT_USAGE
-        adapter = str(config.adapter_path())
-        entry_dtype = config.model.dtype
-        if config.model.quantization in QUANTIZED:
-            log.info(
-                "%s trains on a %s base (QLoRA); the merge loads that base unquantized",
-                config.source, config.model.quantization,
-            )  # fmt: skip
-    try:
-        plan = plan_merge(
-            adapter, base=args.base, out=args.out, dtype=args.dtype, quantization=args.quantization,
-            tolerance=args.tolerance, overwrite=args.overwrite, entry_dtype=entry_dtype,
-        )  # fmt: skip
-    except MergeError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    for note in plan.notes:
-        log.info("%s", note)
-    log.info(
-        "merging %s into %s (%s on %s, unquantized)",
-        settings.portable_path(plan.adapter_dir), plan.base, plan.dtype, plan.device,
-    )  # fmt: skip
-    from babl_core.loading import ModelUnavailable
-
-    try:
-        result = merge_adapter(plan)
-    except ModelUnavailable as exc:
-        _err(f"base: {exc.reason}")
-        return EXIT_UNAVAILABLE
-    except MergeCheckFailed as exc:
-        _err(f"merge check failed: {exc}")
-        return EXIT_FAILED
-    except MergeError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    check = result.check
-    print(
-        f"merged {plan.run_name} into {plan.base} ({plan.dtype}): max |logit difference| "
-        f"{check.max_abs_diff:.3g} over {words.count(check.positions, 'position')} of {words.count(check.examples, 'example')} "
-        f"(tolerance {check.tolerance:.3g}, top-1 agreement {100 * check.top1_agreement:.1f}%), "
-        f"{result.seconds:.1f} s -> {settings.portable_path(result.out_dir)}"
-    )
-    print(catalog_snippet(result.catalog_entry), end="")
-    sys.stdout.flush()
-    return EXIT_OK

@@ -10,9 +10,6 @@ and it renders every metric `babl.json` holds, nested or not, so new metrics app
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import yaml
 
 CARD_FILE = "README.md"
 MARKER = "<!-- written by Babl's finetune from babl.json and finetune.yaml; rewritten when they change -->"
@@ -126,7 +123,7 @@ def metrics_table(metrics: dict) -> list[str]:
 def _example_input(style_name: str, message: str) -> str | None:
     """The text the model is given for `message`, rendered by the run's prompt style as the app does."""
     try:
-        from babl_core.prompts import get_style
+        from babl_core.engine.prompts import get_style
 
         return get_style(style_name).render([{"role": "user", "content": message}], tokenizer=None)
     except Exception:  # a custom style that needs its tokenizer: the card just leaves the example out
@@ -241,35 +238,3 @@ def render(
                 "into it); other formats work less well.",
             ]
     return "\n".join(lines) + "\n"
-
-
-def write_model_card(
-    directory: Path, *, location: Path | None = None, model_id: str | None = None
-) -> Path | None:
-    """(Re)write `directory`/README.md from its babl.json and finetune.yaml; returns its path, or None
-    when the directory holds a README.md of someone else's (neither PEFT's template nor Babl's).
-
-    Args:
-        directory: the adapter directory (or the staging directory it is assembled in).
-        location: where the adapter lives once published (default: `directory`).
-        model_id: the catalog id that serves it, when a catalog entry's `adapter` points at it.
-    """
-    from babl_core import settings
-    from finetune.outputs import CONFIG_FILE, META_FILE, python_command
-
-    path = directory / CARD_FILE
-    if path.is_file():
-        existing = path.read_text(encoding="utf-8", errors="replace")
-        if MARKER not in existing and PEFT_TEMPLATE_MARK not in existing:
-            return None  # its author's card, not PEFT's empty template or ours
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    config_path = directory / CONFIG_FILE
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    text = render(
-        meta, config if isinstance(config, dict) else {}, location=settings.portable_path(location or directory),
-        model_id=model_id, python=python_command(),
-    )  # fmt: skip
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path

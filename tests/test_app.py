@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from babl_core import chat_ui, runtime
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog
-from babl_core.chat import ChatService
-from babl_core.generation import stream as real_stream
-from babl_core.loading import load_base
-from babl_core.render import DOWNLOAD_MIME, format_answer
+from babl_core.engine.batching import stream as real_stream
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.loading import load_base
+from babl_core.engine.service import ChatService
+from babl_core.web import runtime, ui
+from babl_core.web.render import DOWNLOAD_MIME, format_answer
 from tests.chainlit_client import shown_steps
 from tests.conftest import REPO_ROOT, install_adapter
 
@@ -179,7 +179,7 @@ async def started(app) -> FakeBrowser:
     return tab
 
 
-def state_of(tab: FakeBrowser) -> chat_ui.UiState:
+def state_of(tab: FakeBrowser) -> ui.UiState:
     from chainlit.user_session import user_sessions
 
     return user_sessions[tab.session.id][app_state_key()]
@@ -195,7 +195,7 @@ def app_state_key() -> str:
 
 
 def test_login_is_the_local_user_on_loopback(app_module):
-    from babl_core.auth import LOCAL_USER, AuthMode
+    from babl_core.web.auth import LOCAL_USER, AuthMode
 
     assert app_module.AUTH_MODE == AuthMode.LOCAL_USER
     user = run(app_module.local_user({}))
@@ -205,14 +205,14 @@ def test_login_is_the_local_user_on_loopback(app_module):
 
 def test_chat_start_sends_settings_with_the_default_model_and_a_welcome(app_module, svc):
     tab = run(started(app_module))
-    model = tab.widget(chat_ui.MODEL)
+    model = tab.widget(ui.MODEL)
     assert model["initial"] == "demo-html"  # first servable entry offline, without CUDA
     labels = {item["value"]: item["label"] for item in model["items"]}
     assert labels["demo-python"] == "Python — demo CodeGen (python, demo — random weights)"
     assert labels["email-t5"].startswith("Email — T5-base + email LoRA (email)\nneeds-training: ")
-    assert tab.widget(chat_ui.MAX_NEW_TOKENS)["initial"] == 200  # demo-html's default
-    assert tab.widget(chat_ui.TEMPERATURE)["initial"] == 0.0
-    assert tab.widget(chat_ui.HTML_PREVIEW)["initial"] is True
+    assert tab.widget(ui.MAX_NEW_TOKENS)["initial"] == 200  # demo-html's default
+    assert tab.widget(ui.TEMPERATURE)["initial"] == 0.0
+    assert tab.widget(ui.HTML_PREVIEW)["initial"] is True
     welcome = tab.answers()[0]["output"]
     assert "`demo-html`" in welcome and "random weights" in welcome
     assert any(event == "set_commands" and data[0]["id"] == "status" for event, data in tab.events)
@@ -258,7 +258,7 @@ def test_switch_keeps_the_conversation_and_applies_the_new_entrys_defaults(app_m
     assert steps[-1]["name"] == "loader for demo-html"
     assert steps[-1]["output"].startswith("float32 on cpu")
     assert any("Now answering with **HTML — demo Llama" in s["output"] for s in tab.answers())
-    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-html"
+    assert tab.widget(ui.MODEL)["initial"] == "demo-html"
     # The user set temperature 0.5 together with demo-python: switching on keeps it, and says so.
     assert session.settings["temperature"] == 0.5
     switched = next(
@@ -276,7 +276,7 @@ def test_values_set_with_the_switch_are_kept(app_module, svc):
 
     tab = run(go())
     assert state_of(tab).chat.settings == {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 64}
-    assert tab.widget(chat_ui.TEMPERATURE)["initial"] == 0.7
+    assert tab.widget(ui.TEMPERATURE)["initial"] == 0.7
 
 
 def test_a_model_that_cannot_be_served_is_refused_with_its_reason(app_module, svc):
@@ -289,7 +289,7 @@ def test_a_model_that_cannot_be_served_is_refused_with_its_reason(app_module, sv
     assert state_of(tab).chat.model_id == "demo-html"
     note = tab.answers()[-1]["output"]
     assert "needs-training" in note and "python -m finetune train" in note and "demo-html" in note
-    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-html"  # the dropdown shows what is in effect
+    assert tab.widget(ui.MODEL)["initial"] == "demo-html"  # the dropdown shows what is in effect
     assert svc.cache.loads == 0  # nothing was loaded for it
 
 
@@ -310,7 +310,7 @@ def test_a_failed_load_says_why_and_keeps_the_previous_model(app_module, svc):
         "Could not switch to `demo-email`" in s["output"] and "truncated" in s["output"]
         for s in tab.answers()
     )
-    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-html"
+    assert tab.widget(ui.MODEL)["initial"] == "demo-html"
     assert len(session.messages) == 4 and session.messages[-1]["model"] == "demo-html"
 
 
@@ -324,7 +324,7 @@ def test_invalid_setting_values_are_named_and_not_applied(app_module, svc):
     note = tab.answers()[-1]["output"]
     assert "Max new tokens 'lots' is not valid" in note and "Top p 0 is not valid" in note
     assert state_of(tab).chat.settings["max_new_tokens"] == 200
-    assert tab.widget(chat_ui.MAX_NEW_TOKENS)["initial"] == 200
+    assert tab.widget(ui.MAX_NEW_TOKENS)["initial"] == 200
 
 
 def test_stop_keeps_the_partial_answer_and_stops_only_that_session(app_module, svc):
@@ -405,7 +405,7 @@ def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(app_module,
 
 
 def test_a_busy_server_shows_the_place_in_line_then_answers(app_module, svc):
-    from babl_core.admission import Admission, Limits
+    from babl_core.engine.admission import Admission, Limits
 
     svc.admission = Admission(Limits(max_running=1, max_queued=1))
 
@@ -545,16 +545,16 @@ def test_new_adapters_appear_at_the_next_message_and_at_once_in_new_chats(
 ):
     async def go():
         tab = await started(app_module)
-        before = [item["value"] for item in tab.widget(chat_ui.MODEL)["items"]]
+        before = [item["value"] for item in tab.widget(ui.MODEL)["items"]]
         install_adapter(html_adapters["ad-b"], models_dir)
         await tab.send(app_module, "hello")
-        after = [item["value"] for item in tab.widget(chat_ui.MODEL)["items"]]
+        after = [item["value"] for item in tab.widget(ui.MODEL)["items"]]
         fresh = await started(app_module)
-        return before, after, [item["value"] for item in fresh.widget(chat_ui.MODEL)["items"]], tab
+        return before, after, [item["value"] for item in fresh.widget(ui.MODEL)["items"]], tab
 
     before, after, fresh, tab = run(go())
     assert "ad-b" not in before and "ad-b" in after and "ad-b" in fresh
-    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-html"  # the re-sent widgets keep the choice
+    assert tab.widget(ui.MODEL)["initial"] == "demo-html"  # the re-sent widgets keep the choice
 
 
 def test_status_command_shows_loaded_models(app_module, svc):
@@ -587,7 +587,7 @@ def test_tunnel_refusal_is_printed_at_startup(app_module, monkeypatch, capsys, t
 def test_tunnel_url_is_printed_and_shown_to_users(app_module, svc, monkeypatch, capsys, tmp_path):
     import sys
 
-    from babl_core import tunnel
+    from babl_core.web import tunnel
 
     fake = REPO_ROOT / "tests" / "assets" / "fake_ngrok.py"
     binary = tmp_path / "bin" / "ngrok"
@@ -614,7 +614,7 @@ def test_tunnel_url_is_printed_and_shown_to_users(app_module, svc, monkeypatch, 
 
 
 def test_each_answer_carries_its_turn_record(app_module, svc):
-    from babl_core import history
+    from babl_core.storage import conversations
 
     async def go():
         tab = await started(app_module)
@@ -622,23 +622,27 @@ def test_each_answer_carries_its_turn_record(app_module, svc):
         return tab, question
 
     tab, question = run(go())
-    record = tab.last_answer()["metadata"][history.TURN_KEY]
+    record = tab.last_answer()["metadata"][conversations.TURN_KEY]
     answer = state_of(tab).chat.messages[-1]
     assert record["question"] == "a page about tea" and record["question_id"] == question.id
     assert record["answer"] == answer["content"] and record["model"] == "demo-html"
 
 
 def test_resume_restores_the_conversation_model_and_settings(app_module, svc, recorder):
-    from babl_core import history
+    from babl_core.storage import conversations
 
     def turn(question_id, question, answer, model):
         record = {"question_id": question_id, "question": question, "answer": answer, "model": model}
-        return {"id": uuid.uuid4().hex, "type": "assistant_message", "metadata": {history.TURN_KEY: record}}
+        return {
+            "id": uuid.uuid4().hex,
+            "type": "assistant_message",
+            "metadata": {conversations.TURN_KEY: record},
+        }
 
     thread = {
         "id": "thread-1",
         "metadata": {
-            history.SESSION_KEY: {
+            conversations.SESSION_KEY: {
                 "model": "demo-python",
                 "temperature": 0.4,
                 "top_p": 0.9,
@@ -661,11 +665,8 @@ def test_resume_restores_the_conversation_model_and_settings(app_module, svc, re
         return tab
 
     tab = run(go())
-    assert tab.widget(chat_ui.MODEL)["initial"] == "demo-python"
-    assert (
-        tab.widget(chat_ui.TEMPERATURE)["initial"] == 0.4
-        and tab.widget(chat_ui.HTML_PREVIEW)["initial"] is False
-    )
+    assert tab.widget(ui.MODEL)["initial"] == "demo-python"
+    assert tab.widget(ui.TEMPERATURE)["initial"] == 0.4 and tab.widget(ui.HTML_PREVIEW)["initial"] is False
     assert any(event == "set_commands" for event, _ in tab.events)
     session = state_of(tab).chat
     assert [m["content"] for m in session.messages[:4]] == [
@@ -710,7 +711,7 @@ def test_downloads_survive_another_instance_from_this_folder_stopping(app_module
 
     import chainlit.server
 
-    from babl_core import session_files
+    from babl_core.web import session_files
 
     async def go():
         tab = await started(app_module)
@@ -728,7 +729,7 @@ def test_downloads_survive_another_instance_from_this_folder_stopping(app_module
 
 
 def test_train_and_jobs_commands_answer_in_the_chat(app_module, svc, monkeypatch, tmp_path):
-    from babl_core import jobs
+    from babl_core.web import jobs
 
     monkeypatch.setenv("BABL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(jobs, "_runner", None)  # a runner on this test's (empty) data dir

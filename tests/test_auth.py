@@ -1,4 +1,4 @@
-"""Login users, the users file, host policy, Chainlit's secret and the API key (babl_core.auth)."""
+"""Login users, the users file, host policy, Chainlit's secret and the API key (babl_core.web.auth)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from babl_core import auth, settings
+from babl_core import settings
+from babl_core.web import auth
 
 tomllib = auth.tomllib  # the stdlib parser, or tomli on Python 3.10
 
@@ -264,7 +265,7 @@ def test_group_readable_users_file_is_warned_about(monkeypatch, tmp_path, caplog
     auth.add_user("alice", PASSWORD, path)
     path.chmod(0o644)
     monkeypatch.setenv("BABL_AUTH", f"@{path}")
-    with caplog.at_level(logging.WARNING, logger="babl_core.auth"):
+    with caplog.at_level(logging.WARNING, logger="babl_core.web.auth"):
         auth.load_users()
     assert "chmod 600" in caplog.text
 
@@ -381,7 +382,7 @@ def test_host_policy_matrix(monkeypatch, host, babl_auth, allow_anonymous, expec
 
 def test_anonymous_mode_is_warned(monkeypatch, caplog):
     monkeypatch.setenv("BABL_ALLOW_ANONYMOUS", "1")
-    with caplog.at_level(logging.WARNING, logger="babl_core.auth"):
+    with caplog.at_level(logging.WARNING, logger="babl_core.web.auth"):
         auth.check_host_policy("0.0.0.0")
     assert "BABL_ALLOW_ANONYMOUS=1" in caplog.text
 

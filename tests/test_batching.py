@@ -14,11 +14,11 @@ import weakref
 
 import pytest
 
-from babl_core.batching import BatchedStream, scheduler_for, scheduler_status
-from babl_core.cache import ModelCache
-from babl_core.catalog import ModelSpec
-from babl_core.generation import GenerationParams, GenerationStream, generate_text, stream
-from babl_core.loading import attach_adapter, load_model
+from babl_core.engine.batching import BatchedStream, generate_text, scheduler_for, scheduler_status, stream
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import ModelSpec
+from babl_core.engine.generation import GenerationParams, GenerationStream
+from babl_core.engine.loading import attach_adapter, load_model
 from tests.conftest import make_lora_adapter
 
 PROMPTS = [
@@ -259,7 +259,7 @@ def test_a_failed_step_fails_its_rows_and_the_next_request_works(loaded, monkeyp
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "forward", flaky)
-    from babl_core.generation import GenerationError
+    from babl_core.engine.generation import GenerationError
 
     with pytest.raises(GenerationError, match="simulated out of memory"):
         generate_text(loaded, PROMPTS[0], GenerationParams(max_new_tokens=10, temperature=0))
@@ -269,7 +269,7 @@ def test_a_failed_step_fails_its_rows_and_the_next_request_works(loaded, monkeyp
 
 
 def test_a_failed_prefill_fails_only_the_joining_request(loaded, monkeypatch):
-    from babl_core.generation import GenerationError
+    from babl_core.engine.generation import GenerationError
 
     real_forward = loaded.model.forward
     broken = threading.Event()

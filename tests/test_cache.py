@@ -9,10 +9,11 @@ import weakref
 
 import pytest
 
-from babl_core.cache import ModelBusy, ModelCache
-from babl_core.catalog import ModelSpec
-from babl_core.generation import GenerationParams, generate_text
-from babl_core.loading import load_base
+from babl_core.engine.batching import generate_text
+from babl_core.engine.cache import ModelBusy, ModelCache
+from babl_core.engine.catalog import ModelSpec
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.loading import load_base
 
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0)
 
@@ -162,7 +163,7 @@ def test_bad_budget_settings_name_the_variable(monkeypatch):
 def test_loads_and_adapter_attaches_run_in_a_thread_that_ends(html_adapters):
     """A load computes (weight copies, quantization); in the caller's long-lived thread it would leave an
     OpenMP pool that slows the generating threads (devices.in_passing_thread), so it runs elsewhere."""
-    from babl_core.loading import attach_adapter
+    from babl_core.engine.loading import attach_adapter
 
     seen = []
 

@@ -7,14 +7,15 @@ import json
 import pytest
 import yaml
 
-from babl_core import catalog as catalog_mod
-from babl_core.catalog import (
+from babl_core.engine import availability as availability_mod
+from babl_core.engine import gguf
+from babl_core.engine.availability import availability, default_model
+from babl_core.engine.catalog import (
     AVAILABILITY_WORDS,
     Catalog,
     CatalogError,
     ModelSpec,
     UnknownModel,
-    availability,
     parse_catalog,
 )
 from tests.conftest import REPO_ROOT, install_adapter
@@ -110,7 +111,7 @@ def test_availability_offline_hub_id_names_the_download_command():
 
 
 def test_availability_downloadable_when_online(monkeypatch):
-    monkeypatch.setattr(catalog_mod, "is_offline", lambda: False)
+    monkeypatch.setattr(availability_mod, "is_offline", lambda: False)
     spec = ModelSpec(id="real", label="r", task="python", base="someorg/not-cached-model")
     assert availability(spec).word == "downloadable"
 
@@ -184,16 +185,16 @@ def test_broken_babl_json_is_skipped_with_a_warning(models_dir):
 
 
 def test_default_model_offline_is_the_first_usable_and_prefer_gpu_skipped_on_cpu(monkeypatch):
-    from babl_core import gguf
 
     monkeypatch.delenv("BABL_DEFAULT_MODEL", raising=False)
     monkeypatch.setattr(gguf, "package_dir", lambda name: None)  # without the real weights' package
     cat = Catalog.load(REPO_ROOT / "configs" / "models.yaml")
-    assert cat.default_model(cuda=False).id == "demo-html"
+    assert default_model(cat, cuda=False).id == "demo-html"
     # Online on CPU: the CodeGen entry (the 7B CodeLlama is passed over without CUDA).
-    monkeypatch.setattr(catalog_mod, "is_offline", lambda: False)
-    assert cat.default_model(cuda=False).id == "python-codegen"
-    assert cat.default_model(cuda=True).id == "html-codellama"
+    for module in (availability_mod, gguf):  # where availability asks whether the hub answers
+        monkeypatch.setattr(module, "is_offline", lambda: False)
+    assert default_model(cat, cuda=False).id == "python-codegen"
+    assert default_model(cat, cuda=True).id == "html-codellama"
 
 
 def test_display_label_mentions_task_quantization_and_demo():

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog
-from babl_core.chat import BadMessage, ChatService, ChatSession, coalesce
-from babl_core.loading import ModelUnavailable
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.service import BadMessage, ChatService, ChatSession, coalesce
 from tests.conftest import REPO_ROOT, install_adapter
 
 
@@ -270,7 +270,7 @@ def test_complete_text_too_long_names_the_budget(service):
 
 
 def test_cancel_while_the_model_loads_gives_the_lease_back(models_dir):
-    from babl_core.loading import load_base
+    from babl_core.engine.loading import load_base
 
     gate = threading.Event()
 
@@ -308,7 +308,7 @@ def test_status_shows_bases_batches_generations_and_queue(service, capsys):
     import json
 
     from babl_core.__main__ import main
-    from babl_core.chat import format_status
+    from babl_core.engine.service import format_status
 
     settings = {"temperature": 0, "max_new_tokens": 300}
     sessions = [ChatSession(model_id="demo-html", settings=settings) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""babl_core.chat_ui: the chat UI's decisions without Chainlit (widgets, settings, labels, streaming)."""
+"""babl_core.web.ui: the chat UI's decisions without Chainlit (widgets, settings, labels, streaming)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from babl_core import chat_ui
-from babl_core.cache import ModelBusy
-from babl_core.catalog import Catalog, UnknownModel
-from babl_core.chat import BadMessage, ChatSession
-from babl_core.generation import GenerationError, GenerationParams, GenerationStats
-from babl_core.loading import ModelUnavailable
-from babl_core.render import DOWNLOAD_MIME, PreviewThrottle
+from babl_core.engine.cache import ModelBusy
+from babl_core.engine.catalog import Catalog, UnknownModel
+from babl_core.engine.generation import GenerationError, GenerationParams, GenerationStats
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.service import BadMessage, ChatSession
+from babl_core.web import ui
+from babl_core.web.render import DOWNLOAD_MIME, PreviewThrottle
 from tests.conftest import REPO_ROOT, install_adapter
 
 
@@ -25,11 +25,11 @@ def catalog(models_dir):
 
 @pytest.fixture
 def choices(catalog):
-    return chat_ui.model_choices(catalog.list())
+    return ui.model_choices(catalog.list())
 
 
-def state_on(catalog, model_id: str) -> chat_ui.UiState:
-    return chat_ui.UiState.for_model(catalog.get(model_id))
+def state_on(catalog, model_id: str) -> ui.UiState:
+    return ui.UiState.for_model(catalog.get(model_id))
 
 
 # --- the dropdown ---------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_labels_say_what_each_entry_is_and_why_some_cannot_be_used(choices):
 def test_entries_with_one_label_each_name_their_id(catalog):
     spec = catalog.get("demo-qa")
     runs = [replace(spec, id=run) for run in ("squad", "no-context")]  # e.g. two runs of one recipe
-    labels = [c.label for c in chat_ui.model_choices([catalog.get("demo-email"), spec, *runs])]
+    labels = [c.label for c in ui.model_choices([catalog.get("demo-email"), spec, *runs])]
     assert labels == [
         catalog.get("demo-email").display_label,  # its label is its own: no id
         *(f"{spec.display_label} · {id_}" for id_ in ("demo-qa", "squad", "no-context")),
@@ -63,10 +63,10 @@ def test_entries_with_one_label_each_name_their_id(catalog):
 
 
 def test_listing_key_changes_when_an_adapter_appears(catalog, models_dir, html_adapters):
-    before = chat_ui.listing_key(chat_ui.model_choices(catalog.list()))
-    assert before == chat_ui.listing_key(chat_ui.model_choices(catalog.list()))
+    before = ui.listing_key(ui.model_choices(catalog.list()))
+    assert before == ui.listing_key(ui.model_choices(catalog.list()))
     install_adapter(html_adapters["ad-a"], models_dir)
-    after = chat_ui.listing_key(chat_ui.model_choices(catalog.list()))
+    after = ui.listing_key(ui.model_choices(catalog.list()))
     assert after != before and any(entry[0] == "ad-a" for entry in after)
 
 
@@ -74,7 +74,7 @@ def test_widgets_hold_the_session_values(catalog, choices):
     state = state_on(catalog, "demo-python")
     state.chat.system_prompt = "Be brief."
     state.preview = False
-    widgets = {w["id"]: w for w in chat_ui.settings_widgets(choices, state)}
+    widgets = {w["id"]: w for w in ui.settings_widgets(choices, state)}
     assert [w["kind"] for w in widgets.values()] == ["select", "slider", "slider", "number", "text", "switch"]
     assert widgets["model"]["initial_value"] == "demo-python"
     assert widgets["model"]["items"]["Python — demo CodeGen (python, demo — random weights)"] == "demo-python"
@@ -86,7 +86,7 @@ def test_widgets_hold_the_session_values(catalog, choices):
 def test_widgets_for_a_model_that_is_gone_select_nothing(catalog, choices):
     state = state_on(catalog, "demo-python")
     state.chat.model_id = "deleted-adapter"
-    assert chat_ui.settings_widgets(choices, state)[0]["initial_value"] is None
+    assert ui.settings_widgets(choices, state)[0]["initial_value"] is None
 
 
 # --- reading a settings submit -----------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_widgets_for_a_model_that_is_gone_select_nothing(catalog, choices):
 def submit(state, **changes):
     values = {
         "model": state.chat.model_id,
-        **{k: state.chat.settings[k] for k in chat_ui.GENERATION_KEYS},
+        **{k: state.chat.settings[k] for k in ui.GENERATION_KEYS},
         "system_prompt": state.chat.system_prompt,
         "html_preview": state.preview,
     }
@@ -104,7 +104,7 @@ def submit(state, **changes):
 
 def test_read_settings_accepts_valid_values(catalog, choices):
     state = state_on(catalog, "demo-html")
-    change = chat_ui.read_settings(
+    change = ui.read_settings(
         submit(state, temperature=0.8, max_new_tokens="64", system_prompt="Hi", html_preview=False),
         state,
         choices,
@@ -112,7 +112,7 @@ def test_read_settings_accepts_valid_values(catalog, choices):
     assert change.problems == [] and change.model_id is None and change.refused is None
     assert change.settings == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 64}
     assert change.touched == {"temperature", "max_new_tokens"}
-    chat_ui.apply_settings(state, change)
+    ui.apply_settings(state, change)
     assert (
         state.chat.settings["max_new_tokens"] == 64 and state.chat.system_prompt == "Hi" and not state.preview
     )
@@ -134,7 +134,7 @@ def test_read_settings_accepts_valid_values(catalog, choices):
 )
 def test_read_settings_names_each_bad_value_and_keeps_the_old_one(catalog, choices, field, value, message):
     state = state_on(catalog, "demo-html")
-    change = chat_ui.read_settings(submit(state, **{field: value}), state, choices)
+    change = ui.read_settings(submit(state, **{field: value}), state, choices)
     assert len(change.problems) == 1 and message in change.problems[0]
     assert change.settings[field] == state.chat.settings[field]
     assert field not in change.touched
@@ -142,33 +142,33 @@ def test_read_settings_names_each_bad_value_and_keeps_the_old_one(catalog, choic
 
 def test_read_settings_refuses_models_that_cannot_be_served(catalog, choices):
     state = state_on(catalog, "demo-html")
-    change = chat_ui.read_settings(submit(state, model="qa-t5"), state, choices)
+    change = ui.read_settings(submit(state, model="qa-t5"), state, choices)
     assert change.model_id is None
     assert "needs-training" in change.refused and "configs/finetune/qa-t5-squad.yaml" in change.refused
     assert "Still answering with `demo-html`" in change.refused
-    gone = chat_ui.read_settings(submit(state, model="no-such-model"), state, choices)
+    gone = ui.read_settings(submit(state, model="no-such-model"), state, choices)
     assert gone.model_id is None and "not in the catalog" in gone.refused
-    picked = chat_ui.read_settings(submit(state, model="demo-qa"), state, choices)
+    picked = ui.read_settings(submit(state, model="demo-qa"), state, choices)
     assert picked.model_id == "demo-qa" and picked.refused is None
 
 
 def test_a_switch_keeps_what_the_user_changed_and_takes_the_new_defaults_for_the_rest(catalog, choices):
     state = state_on(catalog, "demo-html")  # temperature 0, max new tokens 200
     # The user changes max new tokens in one submit, and switches model in a later one.
-    chat_ui.apply_settings(state, chat_ui.read_settings(submit(state, max_new_tokens=50), state, choices))
-    change = chat_ui.read_settings(submit(state, model="demo-qa"), state, choices)
-    chat_ui.apply_settings(state, change)
+    ui.apply_settings(state, ui.read_settings(submit(state, max_new_tokens=50), state, choices))
+    change = ui.read_settings(submit(state, model="demo-qa"), state, choices)
+    ui.apply_settings(state, change)
     assert change.model_id == "demo-qa" and change.touched == set()
-    changed, kept = chat_ui.settings_for_new_model(state, catalog.get("demo-qa"))
+    changed, kept = ui.settings_for_new_model(state, catalog.get("demo-qa"))
     assert state.chat.settings == {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 50}
     assert [(c.key, c.before, c.after) for c in changed] == [("temperature", 0.0, 0.9)]
     assert [(c.key, c.before, c.after) for c in kept] == [("max_new_tokens", 50, 60)]
-    text = chat_ui.switched_text(catalog.get("demo-qa"), "float32 on cpu", task_changed=False, changed=changed,
+    text = ui.switched_text(catalog.get("demo-qa"), "float32 on cpu", task_changed=False, changed=changed,
                                  kept=kept)  # fmt: skip
     assert "- temperature 0 → 0.9, the new model's default" in text
     assert "- max new tokens stays 50, your setting (the new model's default is 60)" in text
     # Switching back: the user's value still stays; the untouched temperature follows the model again.
-    changed, kept = chat_ui.settings_for_new_model(state, catalog.get("demo-html"))
+    changed, kept = ui.settings_for_new_model(state, catalog.get("demo-html"))
     assert state.chat.settings["temperature"] == 0.0 and state.chat.settings["max_new_tokens"] == 50
     assert [c.key for c in changed] == ["temperature"] and [c.key for c in kept] == ["max_new_tokens"]
 
@@ -243,12 +243,12 @@ def test_footer_names_the_model_speed_and_how_it_ended(catalog):
         spec, [], finish="length", notes=["dropped 2 oldest turns to fit the 2048-token context"], tokens=60
     )
     asyncio.run(_drain(reply))
-    footer = chat_ui.answer_footer(reply)
+    footer = ui.answer_footer(reply)
     assert footer.endswith("*`demo-python` · 60 tokens · 120 tokens/s · reached max new tokens (120)*")
     assert "> Note: dropped 2 oldest turns to fit the 2048-token context." in footer
     stopped = FakeReply(spec, [], finish="cancelled")
     asyncio.run(_drain(stopped))
-    assert chat_ui.answer_footer(stopped).endswith("· stopped*")
+    assert ui.answer_footer(stopped).endswith("· stopped*")
 
 
 async def _drain(reply):
@@ -256,12 +256,12 @@ async def _drain(reply):
 
 
 def test_welcome_names_the_model_and_shows_the_public_url(catalog, choices):
-    choice = chat_ui.find_choice(choices, "demo-qa")
-    text = chat_ui.welcome_text(choice, choices, public_url="https://babl.ngrok.example")
+    choice = ui.find_choice(choices, "demo-qa")
+    text = ui.welcome_text(choice, choices, public_url="https://babl.ngrok.example")
     assert "`demo-qa`" in text and "Context:" in text and "random weights" in text
     assert "https://babl.ngrok.example" in text
-    assert "ngrok" not in chat_ui.welcome_text(choice, choices, public_url=None)
-    nothing = chat_ui.welcome_text(None, [c for c in choices if not c.servable], public_url=None)
+    assert "ngrok" not in ui.welcome_text(choice, choices, public_url=None)
+    nothing = ui.welcome_text(None, [c for c in choices if not c.servable], public_url=None)
     assert "python -m babl_core demo" in nothing and "`email-t5` — needs-training" in nothing
 
 
@@ -276,7 +276,7 @@ def test_welcome_names_the_model_and_shows_the_public_url(catalog, choices):
     ],
 )
 def test_error_texts(error, expected):
-    assert expected in chat_ui.error_text(error)
+    assert expected in ui.error_text(error)
 
 
 def test_generation_error_text_names_the_cause():
@@ -286,11 +286,11 @@ def test_generation_error_text_names_the_cause():
         except RuntimeError as cause:
             raise GenerationError("generate failed") from cause
     except GenerationError as exc:
-        assert "RuntimeError: CUDA out of memory" in chat_ui.error_text(exc)
+        assert "RuntimeError: CUDA out of memory" in ui.error_text(exc)
 
 
 def test_status_table(catalog, models_dir, html_adapters):
-    from babl_core.cache import base_ref
+    from babl_core.engine.cache import base_ref
 
     install_adapter(html_adapters["ad-a"], models_dir)
     specs = catalog.list()
@@ -306,7 +306,7 @@ def test_status_table(catalog, models_dir, html_adapters):
         ],
         "max_models": 2, "memory_budget_mb": None, "memory_mb": 2.4, "active_generations": 1, "queue": 0,
     }  # fmt: skip
-    text = chat_ui.status_markdown(status, chat_ui.status_names(specs))
+    text = ui.status_markdown(status, ui.status_names(specs))
     assert "**Answers running:** 1" in text and "**models loaded:** 2 of 2" in text
     # Models by their ids (a base shared by two entries names both), never by a folder path.
     assert "| demo-html | ad-a, old\\|run | 1 | 0 | 2 MB |" in text
@@ -318,39 +318,39 @@ def test_status_table(catalog, models_dir, html_adapters):
     status["bases"][0]["batch"] = {"active_rows": 3, "max_rows": 16, "waiting": 2, "kv_cache_mb": 1.5}
     status |= {"queue": 2, "waiting_for_load": 0, "waiting_to_join": 2, "kv_cache_mb": 1.5,
                "active_generations": 3, "remote_active_generations": 1}  # fmt: skip
-    busy = chat_ui.status_markdown(status, chat_ui.status_names(specs))
+    busy = ui.status_markdown(status, ui.status_names(specs))
     assert "**Answers running:** 3 (1 remote) · **waiting:** 2 (0 for a model to load, 2 for a place" in busy
     assert "| demo-html | ad-a, old\\|run | 1 | 2 | 2 MB |" in busy
     assert "batch: 3 of 16 rows decoding" in busy and "+ 1.5 MB KV cache" in busy
-    empty = chat_ui.status_markdown({"bases": [], "max_models": 2, "memory_mb": 0, "queue": 0})
+    empty = ui.status_markdown({"bases": [], "max_models": 2, "memory_mb": 0, "queue": 0})
     assert "No model is loaded yet" in empty
 
 
 def test_status_command_is_recognised():
-    assert chat_ui.is_status_command("status", "")
-    assert chat_ui.is_status_command(None, "  /STATUS ")
-    assert not chat_ui.is_status_command(None, "status of my order?")
-    assert chat_ui.command_of("export", "") == "export" and chat_ui.command_of(None, "/status") == "status"
-    assert chat_ui.command_of(None, "/statusx") is None
+    assert ui.is_status_command("status", "")
+    assert ui.is_status_command(None, "  /STATUS ")
+    assert not ui.is_status_command(None, "status of my order?")
+    assert ui.command_of("export", "") == "export" and ui.command_of(None, "/status") == "status"
+    assert ui.command_of(None, "/statusx") is None
 
 
 def test_message_authors_are_names_chainlit_can_fetch_an_avatar_for():
-    assert chat_ui.message_author("demo-html") == "demo-html"
-    assert chat_ui.message_author("codegen-350M-mono v1.2") == "codegen-350M-mono v1.2"
-    assert chat_ui.message_author("org/model (base)") == "org-model -base-"
-    assert chat_ui.message_author("()") == "-"
+    assert ui.message_author("demo-html") == "demo-html"
+    assert ui.message_author("codegen-350M-mono v1.2") == "codegen-350M-mono v1.2"
+    assert ui.message_author("org/model (base)") == "org-model -base-"
+    assert ui.message_author("()") == "-"
 
 
 def test_listen_address_follows_chainlit(monkeypatch):
     monkeypatch.delenv("CHAINLIT_HOST", raising=False)
     monkeypatch.delenv("CHAINLIT_PORT", raising=False)
-    assert chat_ui.listen_address() == ("127.0.0.1", 8000)
+    assert ui.listen_address() == ("127.0.0.1", 8000)
     monkeypatch.setenv("CHAINLIT_HOST", "0.0.0.0")
     monkeypatch.setenv("CHAINLIT_PORT", "9001")
-    assert chat_ui.listen_address() == ("0.0.0.0", 9001)
+    assert ui.listen_address() == ("0.0.0.0", 9001)
     monkeypatch.setenv("CHAINLIT_PORT", "http")
     with pytest.raises(ValueError, match="CHAINLIT_PORT='http' is not a port number"):
-        chat_ui.listen_address()
+        ui.listen_address()
 
 
 # --- the page of an html answer ------------------------------------------------------------------
@@ -358,10 +358,10 @@ def test_listen_address_follows_chainlit(monkeypatch):
 
 def test_page_of_answer():
     doc = "<!DOCTYPE html><html><body><h1>Hi</h1></body></html>"
-    assert chat_ui.page_of_answer(f"Here:\n```html\n{doc}\n```\nEnjoy.", partial=False) == doc
-    assert chat_ui.page_of_answer("<div><p>a card</p></div>", partial=False) == "<div><p>a card</p></div>"
-    assert chat_ui.page_of_answer("just words", partial=False) == "just words"
-    assert chat_ui.page_of_answer("  \n", partial=False) is None
+    assert ui.page_of_answer(f"Here:\n```html\n{doc}\n```\nEnjoy.", partial=False) == doc
+    assert ui.page_of_answer("<div><p>a card</p></div>", partial=False) == "<div><p>a card</p></div>"
+    assert ui.page_of_answer("just words", partial=False) == "just words"
+    assert ui.page_of_answer("  \n", partial=False) is None
 
 
 # --- streaming into a view -----------------------------------------------------------------------
@@ -398,7 +398,7 @@ PAGE_CHUNKS = ["Sure:\n```html\n<!DOCTYPE html>", "<html><head><title>Bakery</ti
 
 
 def stream(reply, view, **kwargs):
-    return asyncio.run(chat_ui.stream_answer(reply, view, **kwargs))
+    return asyncio.run(ui.stream_answer(reply, view, **kwargs))
 
 
 def test_html_answer_streams_text_a_throttled_preview_then_the_final_page(catalog):
@@ -488,7 +488,7 @@ def test_finish_even_if_cancelled_waits_for_the_work_and_then_propagates():
             await asyncio.sleep(0.05)  # finalising the message after the stop
             finished.append(True)
 
-        caller = asyncio.create_task(chat_ui.finish_even_if_cancelled(work(), stop.set))
+        caller = asyncio.create_task(ui.finish_even_if_cancelled(work(), stop.set))
         await asyncio.sleep(0.05)
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -502,7 +502,7 @@ def test_finish_even_if_cancelled_returns_the_result():
     async def work():
         return 42
 
-    assert asyncio.run(chat_ui.finish_even_if_cancelled(work(), lambda: None)) == 42
+    assert asyncio.run(ui.finish_even_if_cancelled(work(), lambda: None)) == 42
 
 
 def test_status_callback_runs_the_coroutine_on_the_loop():
@@ -512,7 +512,7 @@ def test_status_callback_runs_the_coroutine_on_the_loop():
         async def show(text):
             seen.append(text)
 
-        callback = chat_ui.status_callback(show)
+        callback = ui.status_callback(show)
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(lambda: loop.call_soon_threadsafe(callback, "waiting for a slot"))
         for _ in range(50):
@@ -543,7 +543,7 @@ def welcome_page_examples() -> dict[str, str]:
 
 
 def test_the_welcome_pages_examples_parse_as_their_tasks_expect():
-    from babl_core.prompts import parse_email_request, parse_qa_request
+    from babl_core.engine.prompts import parse_email_request, parse_qa_request
 
     examples = welcome_page_examples()
     assert {"HTML", "Python", "Email", "Code (T5)"} <= set(examples)

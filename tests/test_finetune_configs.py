@@ -51,7 +51,7 @@ def test_catalog_entries_that_wait_for_training_name_an_existing_recipe():
     """email-t5, qa-t5 and code-t5 wait for an adapter directory; their recipe must train exactly that
     directory on exactly the entry's base, with the entry's prompt style."""
     from babl_core import settings
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     waiting = [spec for spec in Catalog.load().entries if spec.requires_adapter]
     assert {spec.id for spec in waiting} == {"email-t5", "qa-t5", "code-t5"}
@@ -65,7 +65,7 @@ def test_catalog_entries_that_wait_for_training_name_an_existing_recipe():
 
 
 def test_real_causal_recipes_train_the_catalog_bases():
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     bases = {spec.id: spec.base for spec in Catalog.load().entries}
     assert load(CONFIG_DIR / "html-codellama-qlora.yaml").model.base == bases["html-codellama"]
@@ -76,7 +76,7 @@ def test_real_causal_recipes_train_the_catalog_bases():
 def test_smollm2_recipes_train_the_catalog_base_and_give_their_measured_time(recipe):
     """Each trains the very base the catalog's smollm2 entries serve (same base + GGUF file: one copy in
     memory serves base and adapter), and its header gives the command and the time measured."""
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     config = load(CONFIG_DIR / f"{recipe}.yaml")
     entry = Catalog.load().get(SMOLLM2[recipe])
@@ -147,7 +147,7 @@ def test_python_codegen_lora_keeps_seed_002():
 
 @pytest.mark.parametrize("path", TWINS, ids=lambda p: p.name)
 def test_twins_run_offline_on_demo_models_and_our_samples(path):
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     config = load(path)
     assert config.model.base.startswith("models/demo/")
@@ -160,8 +160,8 @@ def test_twins_run_offline_on_demo_models_and_our_samples(path):
 
 
 def test_quantization_follows_the_app_policy():
-    """`auto` means what babl_core.loading means: nf4 with CUDA for causal models, none on CPU."""
-    from babl_core.loading import plan_load
+    """`auto` means what babl_core.engine.loading means: nf4 with CUDA for causal models, none on CPU."""
+    from babl_core.engine.loading import plan_load
     from finetune.factories import model_spec
 
     config = load(CONFIG_DIR / "python-codegen-lora.yaml")

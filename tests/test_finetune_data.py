@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from babl_core.prompts import STYLES
+from babl_core.engine.prompts import STYLES
 from finetune.config import DataArgs
 from finetune.data import (
     IGNORE_INDEX,

@@ -124,7 +124,7 @@ def test_rows_without_tests_say_how_to_get_pass_at_k(trained, capsys):
 
 
 def test_eval_by_config_finds_the_run_and_the_app_lists_the_metrics(trained, capsys):
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     config = "configs/finetune/demo-email.yaml"
     assert main(["eval", "--config", config, "--limit", "2", "--eval_max_new_tokens", "8"]) == EXIT_OK
@@ -369,7 +369,7 @@ def test_answers_asked_at_once_keep_their_order_and_seeds():
     list, in the same order with the same seeds, as one at a time."""
     import threading
 
-    from babl_core.generation import GenerationParams
+    from babl_core.engine.generation import GenerationParams
     from finetune.evaluation import Example, generate_answers
 
     examples = [Example(str(i), {}, f"prompt {i}", True, None) for i in range(6)]
@@ -394,7 +394,7 @@ def test_answers_asked_at_once_keep_their_order_and_seeds():
 def test_predict_rows_are_seeded_and_are_what_the_app_answers(trained):
     import asyncio
 
-    from babl_core.chat import ChatService
+    from babl_core.engine.service import ChatService
     from finetune.prediction import predict
 
     first = predict(target_for("demo-qa-squad", eval_max_new_tokens=10), num=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from babl_core.loading import LoadPlan
+from babl_core.engine.loaded import LoadPlan
 from finetune.config import load_config
 from finetune.factories import sampling_strategy, training_arguments
 

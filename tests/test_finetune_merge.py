@@ -40,8 +40,9 @@ def test_merged_model_is_checked_and_serves_as_a_plain_catalog_entry(
 ):
     from safetensors import safe_open
 
-    from babl_core.catalog import Catalog, availability
-    from babl_core.chat import ChatService
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog
+    from babl_core.engine.service import ChatService
 
     assert main(["merge", "--adapter", f"models/adapters/{RUN}"]) == EXIT_OK
     out = capsys.readouterr().out
@@ -114,12 +115,12 @@ def test_merge_by_training_config_to_a_chosen_directory(models_dir, tmp_path, ca
 def test_merging_into_a_quantized_base_is_refused_with_the_fix(
     adapter, models_dir, tmp_path, capsys, monkeypatch
 ):
-    import babl_core.loading
+    import babl_core.engine.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a refused merge must not load weights")
 
-    monkeypatch.setattr(babl_core.loading, "load_base", no_loading)
+    monkeypatch.setattr(babl_core.engine.loading, "load_base", no_loading)
 
     # Asked for on the command line.
     assert main(["merge", "--adapter", RUN, "--quantization", "nf4"]) == EXIT_USAGE

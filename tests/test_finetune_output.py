@@ -12,7 +12,8 @@ import sys
 import pytest
 import yaml
 
-from finetune.model_card import PEFT_TEMPLATE_MARK, write_model_card
+from finetune.model_card import PEFT_TEMPLATE_MARK
+from finetune.outputs import write_model_card
 from tests.conftest import REPO_ROOT
 
 
@@ -96,7 +97,7 @@ def test_train_output_one_bar_a_loss_table_a_last_block_and_a_card_with_the_real
     assert re.search(r"^\s+loss curve\s+models/adapters/demo-qa-squad/loss\.png$", out, re.M)
     assert re.search(r"^\s+model card\s+models/adapters/demo-qa-squad/README\.md$", out, re.M)
     assert (adapter / "loss.png").is_file()
-    from babl_core.catalog import Catalog
+    from babl_core.engine.catalog import Catalog
 
     label = Catalog.load().get("demo-qa-squad").display_label  # as the app's dropdown shows it
     assert re.search(

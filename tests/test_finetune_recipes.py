@@ -81,9 +81,10 @@ def test_twin_trains_loss_falls_and_the_app_serves_the_adapter(
     import torch
     from PIL import Image
 
-    from babl_core.catalog import Catalog, UnknownModel, availability
-    from babl_core.chat import ChatService
-    from babl_core.loading import load_model
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog, UnknownModel
+    from babl_core.engine.loading import load_model
+    from babl_core.engine.service import ChatService
 
     service = ChatService()  # a running app: it must see the adapter without a restart
     with pytest.raises(UnknownModel):
@@ -147,8 +148,9 @@ def test_trained_email_adapter_makes_the_catalog_email_entry_servable(models_dir
     """email-t5 waits for models/adapters/email-t5; training under that run name fills the entry."""
     import yaml
 
-    from babl_core.catalog import Catalog, availability
-    from babl_core.chat import ChatService
+    from babl_core.engine.availability import availability
+    from babl_core.engine.catalog import Catalog
+    from babl_core.engine.service import ChatService
 
     # The shipped entry, with its hub base (t5-base, not downloadable here) swapped for the demo T5.
     catalog = yaml.safe_load((REPO_ROOT / "configs" / "models.yaml").read_text())
@@ -350,7 +352,7 @@ def test_qlora_gradients_survive_an_evaluation(models_dir, fixed):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from babl_core.loading import load_base, plan_load
+    from babl_core.engine.loading import load_base, plan_load
     from finetune import factories
 
     config = load_config(CONFIGS / "demo-html.yaml", {"lora_dropout": 0.0})

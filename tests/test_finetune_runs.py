@@ -40,13 +40,13 @@ def train(name: str, **overrides):
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
 def test_empty_jsonl_is_one_error_before_the_model_loads(models_dir, tmp_path, monkeypatch, capsys, content):
-    import babl_core.loading
+    import babl_core.engine.loading
     from finetune.__main__ import EXIT_USAGE, main
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the base model was loaded before the data set was checked")
 
-    monkeypatch.setattr(babl_core.loading, "load_base", no_loading)
+    monkeypatch.setattr(babl_core.engine.loading, "load_base", no_loading)
     empty = tmp_path / "rows.jsonl"
     empty.write_text(content)
     code = main(["train", "--config", str(CONFIGS / "demo-python.yaml"), "--dataset", str(empty)])
@@ -69,7 +69,7 @@ def test_header_only_csv_has_no_rows(models_dir, tmp_path):
 
 
 def test_second_run_of_the_same_name_is_refused_at_start(models_dir, capsys, monkeypatch):
-    import babl_core.loading
+    import babl_core.engine.loading
     from finetune.__main__ import EXIT_FAILED, main
 
     def no_loading(*args, **kwargs):
@@ -77,7 +77,7 @@ def test_second_run_of_the_same_name_is_refused_at_start(models_dir, capsys, mon
 
     config = load_config(CONFIGS / "demo-python.yaml")
     with outputs.run_lock(config):  # the first run, still training
-        monkeypatch.setattr(babl_core.loading, "load_base", no_loading)
+        monkeypatch.setattr(babl_core.engine.loading, "load_base", no_loading)
         code = main(["train", "--config", str(CONFIGS / "demo-python.yaml")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == EXIT_FAILED

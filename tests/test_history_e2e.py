@@ -23,8 +23,8 @@ import socketio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from babl_core import history
-from babl_core.render import DOWNLOAD_MIME
+from babl_core.storage import conversations
+from babl_core.web.render import DOWNLOAD_MIME
 from tests.chainlit_client import Http, Tab, login, resumed_thread
 from tests.servers import launch_chromium, require_playwright, server_env, start_chainlit, stop_chainlit
 from tests.test_app_browser import ANSWERS, FOOTER, ask, screenshot, wait_for_answer
@@ -113,7 +113,11 @@ def token(app: AppServer, user: str = "a") -> str:
 def turns(thread_or_answers) -> list[dict]:
     """The turn records, in order, of a resumed thread's steps or of answers seen live."""
     steps = thread_or_answers["steps"] if isinstance(thread_or_answers, dict) else thread_or_answers
-    return [s["metadata"][history.TURN_KEY] for s in steps if history.TURN_KEY in (s.get("metadata") or {})]
+    return [
+        s["metadata"][conversations.TURN_KEY]
+        for s in steps
+        if conversations.TURN_KEY in (s.get("metadata") or {})
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

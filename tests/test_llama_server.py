@@ -18,10 +18,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from babl_core import api, gguf, llama_cpp, runtime
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog, parse_catalog
-from babl_core.chat import ChatService, ChatSession
+from babl_core.engine import gguf, llama_cpp
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog, parse_catalog
+from babl_core.engine.service import ChatService, ChatSession
+from babl_core.web import runtime
+from babl_core.web.api import routes
 from tests.conftest import REPO_ROOT, make_lora_adapter, skip_or_fail
 
 pytestmark = pytest.mark.slow
@@ -78,7 +80,7 @@ def test_an_answer_in_the_chat_is_what_a_lone_request_gives(service):
 def test_the_api_answers_from_the_engine(service, monkeypatch):
     monkeypatch.delenv("BABL_API_KEY", raising=False)
     app = FastAPI()
-    api.register_api(app)
+    routes.register_api(app)
     runtime.reset_service(service)
     try:
         with TestClient(app) as http:

@@ -6,9 +6,11 @@ import logging
 
 import pytest
 
-from babl_core.catalog import Catalog, ModelSpec
-from babl_core.generation import GenerationParams, generate_text
-from babl_core.loading import ModelUnavailable, load_model, plan_load
+from babl_core.engine.batching import generate_text
+from babl_core.engine.catalog import Catalog, ModelSpec
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.loading import load_model, plan_load
 from tests.conftest import REPO_ROOT
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0)

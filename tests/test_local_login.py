@@ -1,4 +1,4 @@
-"""babl_core.local_login on a small FastAPI app: in local-user mode an HTML page requested without a
+"""babl_core.web.local_login on a small FastAPI app: in local-user mode an HTML page requested without a
 valid session cookie comes with one (a chat's URL then opens in a fresh browser); other responses,
 and requests that already carry a valid cookie, are left alone. The browser flow is in
 test_app_remote_browser.py."""
@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 
-from babl_core import local_login
+from babl_core.web import local_login
 
 
 def client(monkeypatch) -> TestClient:

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from babl_core import __version__
-from babl_core.catalog import Catalog
-from babl_core.launch import APP_FILES
+from babl_core.engine.catalog import Catalog
+from babl_core.web.launch import APP_FILES
 from tests.conftest import REPO_ROOT
 from tests.servers import free_port
 

@@ -1,4 +1,4 @@
-"""babl_core.page_policy on a small FastAPI app shaped like Chainlit's (GZip inside, an HTML index with
+"""babl_core.web.page_policy on a small FastAPI app shaped like Chainlit's (GZip inside, an HTML index with
 inline scripts and links to other origins, JSON and streamed routes). The browser side is in
 test_app_remote_browser.py and test_preview_browser.py."""
 
@@ -12,7 +12,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import HTMLResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from babl_core import page_policy
+from babl_core.web import page_policy
 
 INDEX = (
     """<!doctype html><html><head>

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from babl_core import page_policy
-from babl_core.render import SANDBOX, preview_document, sandbox_for
 from babl_core.settings import REPO_ROOT
+from babl_core.web import page_policy
+from babl_core.web.render import SANDBOX, preview_document, sandbox_for
 from tests.servers import chainlit_server, launch_chromium, require_playwright
 
 pytestmark = pytest.mark.e2e

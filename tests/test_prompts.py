@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from babl_core.prompts import (
+from babl_core.engine.prompts import (
     NOTE_NO_SYSTEM,
     STYLES,
     Prompt,

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from babl_core.cache import ModelCache
-from babl_core.catalog import Catalog, availability
-from babl_core.chat import ChatService, ChatSession
-from babl_core.generation import GenerationParams
-from babl_core.loading import ModelUnavailable
-from babl_core.remote import RemoteBackendError, RemoteStream, forget_probes
+from babl_core.engine.availability import availability
+from babl_core.engine.cache import ModelCache
+from babl_core.engine.catalog import Catalog
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.remote import RemoteBackendError, RemoteStream, forget_probes
+from babl_core.engine.service import ChatService, ChatSession
 
 GREEDY = {"temperature": 0, "max_new_tokens": 30}
 
@@ -168,7 +169,7 @@ def test_stop_button_and_stop_strings_on_a_remote_answer(serve_url, make_service
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_raw_prompt_goes_to_the_text_completions_route(serve_url, make_service):
-    from babl_core.generation import generate_text
+    from babl_core.engine.batching import generate_text
 
     url, model = serve_url
     service = make_service(remote_entry("remote-html", url, model))

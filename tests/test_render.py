@@ -1,4 +1,4 @@
-"""Unit tests for babl_core.render: answers per task, the preview document, sandbox and throttle."""
+"""Unit tests for babl_core.web.render: answers per task, the preview document, sandbox and throttle."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import html5lib
 import pytest
 
-from babl_core import render
-from babl_core.render import (
+from babl_core.web import render
+from babl_core.web.render import (
     DOWNLOAD_MIME,
     MAX_PREVIEW_BYTES,
     SANDBOX,

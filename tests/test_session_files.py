@@ -1,4 +1,4 @@
-"""babl_core.session_files: each instance's own folder for Chainlit's session files, and folders of
+"""babl_core.web.session_files: each instance's own folder for Chainlit's session files, and folders of
 instances that died removed at the next start (live ones kept)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import chainlit.config
 
-from babl_core import session_files
+from babl_core.web import session_files
 from tests.conftest import REPO_ROOT
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from babl_core import session_files
+from babl_core.web import session_files
 folder = session_files.use_own_files_dir(Path(sys.argv[1]))
 (folder / "a-download.html").write_text("page")
 print(folder, flush=True)

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from babl_core import launch, settings
-from babl_core.catalog import Catalog, availability
+from babl_core import settings
+from babl_core.engine.availability import availability
+from babl_core.engine.catalog import Catalog
+from babl_core.web import launch
 from tests.conftest import REPO_ROOT
 
 
@@ -219,7 +221,7 @@ def test_messages_name_the_way_this_babl_starts(installed, capsys):
 def test_installed_adduser_writes_under_the_home_and_babl_auth_finds_it_from_any_folder(
     installed, tmp_path, monkeypatch
 ):
-    from babl_core import auth
+    from babl_core.web import auth
 
     monkeypatch.setenv("BABL_HOME", str(tmp_path / "home"))
     assert auth.default_users_path() == tmp_path / "home" / "data" / "users.toml"

@@ -14,10 +14,11 @@ from dataclasses import replace
 
 import pytest
 
-from babl_core import gguf, settings
-from babl_core.chat import ChatSession, render_prompt
-from babl_core.generation import GenerationParams
-from babl_core.render import extract_html, format_answer
+from babl_core import settings
+from babl_core.engine import gguf
+from babl_core.engine.generation import GenerationParams
+from babl_core.engine.service import ChatSession, render_prompt
+from babl_core.web.render import extract_html, format_answer
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ def test_each_task_entry_renders_a_real_answer(smollm2_service):
 
 
 def test_a_second_load_reuses_the_converted_folder_without_reading_the_gguf(smollm2, monkeypatch):
-    from babl_core.loading import load_base, plan_load
+    from babl_core.engine.loading import load_base, plan_load
 
     _catalog, spec, first = smollm2
     folder = gguf.converted_dir(spec, "float32")

@@ -1,4 +1,4 @@
-"""The ngrok tunnel (babl_core.tunnel) against a stand-in ngrok agent (tests/assets/fake_ngrok.py).
+"""The ngrok tunnel (babl_core.web.tunnel) against a stand-in ngrok agent (tests/assets/fake_ngrok.py).
 
 No test reaches the network: the stand-in serves pyngrok's agent API on 127.0.0.1, and the download
 tests point pyngrok at a closed local proxy or a patched installer.
@@ -19,7 +19,7 @@ import pytest
 from pyngrok import installer, process
 from pyngrok.exception import PyngrokNgrokInstallError
 
-from babl_core import tunnel
+from babl_core.web import tunnel
 from tests.servers import free_port
 
 FAKE_NGROK = Path(__file__).parent / "assets" / "fake_ngrok.py"
@@ -145,7 +145,7 @@ def test_anonymous_tunnel_opens_with_a_warning(monkeypatch, fake_ngrok, caplog):
     monkeypatch.delenv("BABL_AUTH")
     monkeypatch.delenv("BABL_API_KEY")
     monkeypatch.setenv("BABL_ALLOW_ANONYMOUS_TUNNEL", "1")
-    with caplog.at_level(logging.WARNING, logger="babl_core.tunnel"):
+    with caplog.at_level(logging.WARNING, logger="babl_core.web.tunnel"):
         result = tunnel.open_tunnel(PORT, timeout_s=10)
     assert result.url == PUBLIC_URL
     assert "BABL_ALLOW_ANONYMOUS_TUNNEL=1" in result.warning

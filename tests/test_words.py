@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-from babl_core.catalog import PROMPT_STYLES
-from babl_core.words import count
+from babl_core.engine.catalog import PROMPT_STYLES
+from babl_core.engine.words import count
 from tests.conftest import REPO_ROOT
 
 DENYLIST = re.compile(
@@ -27,12 +27,15 @@ DENYLIST = re.compile(
 SHOWN_FROM = [
     "app.py",
     "babl_core/__main__.py",
-    "babl_core/api.py",
-    "babl_core/catalog.py",
-    "babl_core/chat.py",
-    "babl_core/chat_ui.py",
-    "babl_core/prompts.py",
-    "babl_core/render.py",
+    "babl_core/web/api/errors.py",
+    "babl_core/web/api/protocol.py",
+    "babl_core/web/api/routes.py",
+    "babl_core/web/api/serving.py",
+    "babl_core/engine/catalog.py",
+    "babl_core/engine/service.py",
+    "babl_core/web/ui.py",
+    "babl_core/engine/prompts.py",
+    "babl_core/web/render.py",
     "finetune/__main__.py",
     "finetune/config.py",
     "finetune/data.py",
@@ -122,7 +125,7 @@ def test_no_builder_jargon_in_any_help_or_the_model_list(capsys):
 
 
 def test_chat_errors_for_an_empty_message_name_the_model_not_its_prompt_format():
-    from babl_core.prompts import code_prompt, email_prompt, qa_prompt
+    from babl_core.engine.prompts import code_prompt, email_prompt, qa_prompt
 
     for build, model in ((email_prompt, "email"), (qa_prompt, "Q&A"), (code_prompt, "code")):
         with pytest.raises(ValueError) as info:

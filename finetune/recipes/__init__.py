@@ -7,18 +7,7 @@ T5 (seeds 000, 003, 004). They share the library parts (`finetune.config`, `data
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    output_dir: Path | None
-    """The adapter directory (None in processes other than the main one)."""
-    metrics: dict = field(default_factory=dict)
-    log_history: list[dict] = field(default_factory=list)
+from finetune.outputs import TrainResult
 
 
 def run_training(config) -> TrainResult:

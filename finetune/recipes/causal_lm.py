@@ -1,9 +1,9 @@
 """Recipe: LoRA or QLoRA on a causal (decoder-only) model — seed 002's CodeGen, seed 001's CodeLlama.
 
 Setup → train → save, top to bottom:
-1. Load the base through `babl_core.loading` (the app's quantization and device policy: nf4 double
+1. Load the base through `babl_core.engine.loading` (the app's quantization and device policy: nf4 double
    quant with the config's compute dtype where CUDA is present or the config asks for it).
-2. Format every example with the run's prompt style (`babl_core.prompts`) and tokenize it with the loss
+2. Format every example with the run's prompt style (`babl_core.engine.prompts`) and tokenize it with the loss
    on the answer only, unless `loss_on_prompt`.
 3. Prepare a k-bit base for training, wrap it in LoRA, and log how many weights train.
 4. Train with transformers' Trainer (dynamic padding), or TRL's SFTTrainer when `packing` is on;
@@ -20,7 +20,7 @@ import logging
 import time
 
 from finetune.config import FinetuneConfig
-from finetune.recipes import TrainResult
+from finetune.outputs import TrainResult
 
 log = logging.getLogger("finetune")
 
@@ -31,7 +31,7 @@ def train(config: FinetuneConfig) -> TrainResult:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from babl_core.loading import load_base, plan_load
+    from babl_core.engine.loading import load_base, plan_load
     from finetune import factories, outputs
     from finetune.data import IGNORE_INDEX, prepare_data
 

@@ -1,9 +1,9 @@
 """Recipe: T5 (encoder-decoder) with a LoRA adapter or full fine-tuning — seeds 000, 003 and 004.
 
 Setup → train → save, top to bottom:
-1. Load the base through `babl_core.loading` (T5 is small: unquantized, as the catalog serves it).
+1. Load the base through `babl_core.engine.loading` (T5 is small: unquantized, as the catalog serves it).
 2. Format every example with the run's T5 style (`t5-email`, `t5-qa`, `t5-code` from
-   `babl_core.prompts`): the prompt is the encoder input, the target the labels (T5 adds `</s>`).
+   `babl_core.engine.prompts`): the prompt is the encoder input, the target the labels (T5 adds `</s>`).
 3. Wrap the model in a `SEQ_2_SEQ_LM` LoRA, or train every weight (`finetuning: full`).
 4. Train with transformers' Seq2SeqTrainer; checkpoints every `save_steps`, `--resume` continues.
 5. Save atomically: a LoRA to models/adapters/<run_name>/ (where the catalog's email/qa/code entries
@@ -16,7 +16,7 @@ import logging
 import time
 
 from finetune.config import FinetuneConfig
-from finetune.recipes import TrainResult
+from finetune.outputs import TrainResult
 
 log = logging.getLogger("finetune")
 
@@ -26,7 +26,7 @@ def train(config: FinetuneConfig) -> TrainResult:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 
-    from babl_core.loading import load_base, plan_load
+    from babl_core.engine.loading import load_base, plan_load
     from finetune import factories, outputs
     from finetune.data import IGNORE_INDEX, prepare_data
 

@@ -11,8 +11,8 @@ import os
 import chainlit as cl
 from chainlit.server import app
 
-from babl_core import page_policy
-from babl_core.render import extract_html, format_answer, preview_props
+from babl_core.web import page_policy
+from babl_core.web.render import extract_html, format_answer, preview_props
 
 page_policy.install(app)  # the app page's Content-Security-Policy, as app.py serves it
 

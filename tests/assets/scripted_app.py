@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 
 import app  # noqa: F401 (registers Babl's Chainlit hooks and API routes)
-from babl_core import runtime
-from babl_core.chat import ChatService
-from babl_core.generation import GenerationStats, stream
+from babl_core.engine.batching import stream
+from babl_core.engine.generation import GenerationStats
+from babl_core.engine.service import ChatService
+from babl_core.web import runtime
 
 SCRIPTED = {
     # Nothing but Markdown syntax: as Markdown, an empty quote.

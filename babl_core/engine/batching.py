@@ -9,12 +9,12 @@ row's token with that row's own settings, streams it to the row's queue, and dro
 request joins and leaves a running batch between steps, and N users cost about one weight pass per
 token instead of N (the step is memory-bound on CPU).
 
-Per request, exactly as on the one-generate()-per-thread path (`babl_core.generation`): greedy or
+Per request, exactly as on the one-generate()-per-thread path (`babl_core.engine.generation`): greedy or
 sampled with its own temperature/top-p/top-k and its own `torch.Generator` (a seed gives the same text
 alone or in a busy batch), repetition penalty over its own prompt and output, max_new_tokens, EOS, stop
 strings and stop events (both end the row at the next step), and its own LoRA adapter: rows of one
 batch may use different adapters (PEFT's mixed-batch `adapter_names`, routed per forward through
-`babl_core.loading.selected_adapters`).
+`babl_core.engine.loaded.selected_adapters`).
 
 Why not transformers' own continuous batching (`generate_batch`, `init_continuous_batching` /
 `ContinuousBatchingManager`, 5.23): it packs all requests into one flat row for paged attention, so
@@ -42,15 +42,17 @@ import weakref
 from collections import deque
 
 from babl_core import settings
-from babl_core.generation import (
+from babl_core.engine.generation import (
     _END,
     GenerationParams,
+    GenerationStream,
     TokenStream,
+    encode_prompt,
     eos_token_ids,
     request_generator,
     sampling_probs,
 )
-from babl_core.loading import BASE_ADAPTER, selected_adapters
+from babl_core.engine.loaded import BASE_ADAPTER, selected_adapters
 
 log = logging.getLogger(__name__)
 
@@ -606,3 +608,42 @@ def batched_stream(loaded, prompt_ids, params: GenerationParams, stop_event) -> 
     if prompt_ids["input_ids"].shape[0] != 1 or batching_unsupported(loaded.model):
         return None
     return BatchedStream(loaded, prompt_ids, params, stop_event, scheduler_for(loaded.model))
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point: batched when the model can be, else one generate() of its own
+
+
+def stream(
+    loaded,
+    prompt: str,
+    params: GenerationParams | None = None,
+    stop_event: threading.Event | None = None,
+    *,
+    add_special_tokens: bool = True,
+) -> TokenStream:
+    """Start streaming `prompt` through `loaded` (a LoadedModel); iterate the result for text chunks.
+
+    Causal models join the continuous batch of their base (`batched_stream`), so concurrent
+    requests share each decoding step; seq2seq models, models the scheduler cannot batch, and every
+    model when `BABL_BATCHING=0` run one generate() per request in a thread.
+
+    Args:
+        loaded: the model, tokenizer and adapter selection (see `babl_core.engine.loading`).
+        prompt: the rendered prompt (`babl_core.engine.prompts`); encoder input for seq2seq models.
+        params: generation settings; validated here (ValueError naming the field).
+        stop_event: set it from any thread to stop within one decoding step; the text so far stays.
+        add_special_tokens: False when the prompt text already carries BOS (chat templates).
+    """
+    params = (params or GenerationParams()).validate()
+    encoded = encode_prompt(loaded, prompt, add_special_tokens)
+    if loaded.kind == "causal":
+        batched = batched_stream(loaded, encoded, params, stop_event)
+        if batched is not None:
+            return batched
+    return GenerationStream(loaded, encoded, params, stop_event)
+
+
+def generate_text(loaded, prompt: str, params: GenerationParams | None = None, **kwargs) -> str:
+    """The whole answer at once (the same path as streaming)."""
+    return "".join(stream(loaded, prompt, params, **kwargs))

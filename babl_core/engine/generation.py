@@ -1,7 +1,7 @@
 """Streaming generation for causal and seq2seq models: text chunks decoded per token.
 
 `stream(loaded, prompt, params)` yields text as soon as each token decodes to printable text. Causal
-models generate in their base's continuous batch (`babl_core.batching`, one scheduler thread per base);
+models generate in their base's continuous batch (`babl_core.engine.batching`, one scheduler thread per base);
 seq2seq models run `model.generate` in a worker thread per request. Both feed the same consumer
 (`TokenStream`). Why not transformers' `TextIteratorStreamer`: it holds text back until a space or
 newline and queues empty strings (ENVIRONMENT.md measured 136 of 201 items empty), so the browser saw
@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from babl_core.catalog import GenerationDefaults
-from babl_core.generation_settings import SETTINGS
-from babl_core.generation_settings import problems as setting_problems
+from babl_core.engine.catalog import GenerationDefaults
+from babl_core.engine.generation_settings import SETTINGS
+from babl_core.engine.generation_settings import problems as setting_problems
 
 _END = object()
 
@@ -182,7 +182,7 @@ class StopMatcher:
 def sampling_probs(scores, temperature: float, top_p: float, top_k: int):
     """Temperature, then top-k, then top-p (nucleus) over `scores` [rows, vocab]; returns probabilities.
 
-    Shared by the per-thread sampler below and the batch scheduler (`babl_core.batching`), so a seed
+    Shared by the per-thread sampler below and the batch scheduler (`babl_core.engine.batching`), so a seed
     gives the same text on either path.
     """
     import torch
@@ -318,7 +318,7 @@ class TokenStream:
 
     The consumer side shared by both producers: token ids arrive on a queue (one list per decoding
     step), are decoded incrementally, cut at stop strings, and counted. A producer — a generate()
-    thread (`GenerationStream`) or a row in a batch (`babl_core.batching.BatchedStream`) — puts id
+    thread (`GenerationStream`) or a row in a batch (`babl_core.engine.batching.BatchedStream`) — puts id
     lists, then `_END` or the exception that ended it, and watches `_stopped()` between steps.
     """
 
@@ -446,40 +446,3 @@ def encode_prompt(loaded, prompt: str, add_special_tokens: bool = True) -> dict:
     """Tokenize a prompt onto the model's device."""
     encoded = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
     return {k: v.to(loaded.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-
-
-def stream(
-    loaded,
-    prompt: str,
-    params: GenerationParams | None = None,
-    stop_event: threading.Event | None = None,
-    *,
-    add_special_tokens: bool = True,
-) -> TokenStream:
-    """Start streaming `prompt` through `loaded` (a LoadedModel); iterate the result for text chunks.
-
-    Causal models join the continuous batch of their base (`babl_core.batching`), so concurrent
-    requests share each decoding step; seq2seq models, models the scheduler cannot batch, and every
-    model when `BABL_BATCHING=0` run one generate() per request in a thread.
-
-    Args:
-        loaded: the model, tokenizer and adapter selection (see `babl_core.loading`).
-        prompt: the rendered prompt (`babl_core.prompts`); encoder input for seq2seq models.
-        params: generation settings; validated here (ValueError naming the field).
-        stop_event: set it from any thread to stop within one decoding step; the text so far stays.
-        add_special_tokens: False when the prompt text already carries BOS (chat templates).
-    """
-    params = (params or GenerationParams()).validate()
-    encoded = encode_prompt(loaded, prompt, add_special_tokens)
-    if loaded.kind == "causal":
-        from babl_core.batching import batched_stream
-
-        batched = batched_stream(loaded, encoded, params, stop_event)
-        if batched is not None:
-            return batched
-    return GenerationStream(loaded, encoded, params, stop_event)
-
-
-def generate_text(loaded, prompt: str, params: GenerationParams | None = None, **kwargs) -> str:
-    """The whole answer at once (the same path as streaming)."""
-    return "".join(stream(loaded, prompt, params, **kwargs))

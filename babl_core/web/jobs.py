@@ -13,7 +13,7 @@ whose process is gone and marks them interrupted (resumable when a checkpoint re
 Stop sends SIGINT: the run saves a checkpoint at the end of its step and exits (`GracefulStop`); the job
 is then "stopped", and `resume` queues the same run again with `--resume true`.
 
-This module knows nothing about Chainlit; `babl_core.train_ui` turns jobs into chat messages.
+This module knows nothing about Chainlit; `babl_core.web.train_ui` turns jobs into chat messages.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def training_refusal(*, logged_in: bool) -> str | None:
     With `BABL_AUTH` set only logged-in users train; with the tunnel open (or asked for) training is off
     unless `BABL_ALLOW_REMOTE_TRAINING=1`, since a job takes this machine's cores for minutes.
     """
-    from babl_core import tunnel
+    from babl_core.web import tunnel
 
     if os.environ.get("BABL_AUTH") and not logged_in:
         return "Training needs a login on this server: log in, then send /train again."
@@ -411,7 +411,7 @@ class JobRunner:
                 self._running = None
 
     def _start(self, job: Job) -> None:
-        from babl_core.llama_cpp import spawn_tied
+        from babl_core.engine.llama_cpp import spawn_tied
 
         threads = str(train_threads())
         env = {

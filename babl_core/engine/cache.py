@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from babl_core import settings
-from babl_core.catalog import ModelSpec, hub_cached_dir, looks_like_path
-from babl_core.devices import in_passing_thread
-from babl_core.loading import LoadedModel, LoadPlan, attach_adapter, load_base, plan_load
+from babl_core.engine.catalog import ModelSpec, hub_cached_dir, looks_like_path
+from babl_core.engine.devices import in_passing_thread
+from babl_core.engine.loaded import LoadedModel, LoadPlan
+from babl_core.engine.loading import attach_adapter, load_base, plan_load
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def cache_key(spec: ModelSpec, plan: LoadPlan) -> tuple:
 def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
     """Rough in-memory size before loading: weight files on disk, scaled for 4/8-bit loads."""
     if plan.engine == "llama.cpp":  # llama-server maps the GGUF file as it is, plus its KV cache
-        from babl_core import gguf, llama_cpp
+        from babl_core.engine import gguf, llama_cpp
 
         try:
             path = gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base))
@@ -88,7 +89,7 @@ def estimate_bytes(spec: ModelSpec, plan: LoadPlan) -> int:
 
 def _converted_if_present(spec: ModelSpec, plan: LoadPlan):
     """A GGUF entry's converted folder when it exists already (never converts: this is an estimate)."""
-    from babl_core import gguf
+    from babl_core.engine import gguf
 
     try:
         sha = gguf.remembered_sha256(gguf.locate(gguf.parse_ref(spec.gguf_file, spec.base)))
@@ -317,7 +318,7 @@ class ModelCache:
         row in its base's batch (`waiting_to_join`). Each base's `batch` is its scheduler's status
         (rows decoding now, waiting, KV-cache MB), or None before its first batched answer.
         """
-        from babl_core.batching import scheduler_status
+        from babl_core.engine.batching import scheduler_status
 
         with self._cond:
             entries = [(e, e.loaded.model if e.loaded else None) for e in self._entries.values()]

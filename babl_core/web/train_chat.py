@@ -1,6 +1,6 @@
 """`/train` and `/jobs` on Chainlit: the form (ask widgets), the live progress message with its loss
-curve and stop button, and the end of a run. What to show is decided in `babl_core.train_ui`; the jobs
-themselves are `babl_core.jobs`. `app.py` only routes the commands and actions here.
+curve and stop button, and the end of a run. What to show is decided in `babl_core.web.train_ui`; the jobs
+themselves are `babl_core.web.jobs`. `app.py` only routes the commands and actions here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import chainlit as cl
 
-from babl_core import jobs, train_ui
+from babl_core.web import jobs, train_ui
 
 log = logging.getLogger("babl.train")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from babl_core.chat import ChatService
+from babl_core.engine.service import ChatService
 
 _lock = threading.Lock()
 _service: ChatService | None = None

@@ -1,4 +1,4 @@
-"""What `/train` and `/jobs` show and how they read answers: the chat side of `babl_core.jobs`.
+"""What `/train` and `/jobs` show and how they read answers: the chat side of `babl_core.web.jobs`.
 
 Plain functions over plain data (no Chainlit): the recipes offered, the check of an uploaded JSONL file,
 the form's settings read into config keys and checked by the recipe schema (`finetune.config`: one set of
@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from babl_core import jobs, settings
-from babl_core.words import count
+from babl_core import settings
+from babl_core.engine.words import count
+from babl_core.web import jobs
 
 TRAIN_COMMAND, JOBS_COMMAND = "train", "jobs"
 COMMANDS = [
@@ -85,7 +86,7 @@ def find_recipe(name: str, choices: list[Recipe]) -> Recipe | None:
 
 def expected_columns(config) -> tuple[list[str], list[str]]:
     """(required, optional) column names of a recipe's rows: its prompt style's fields, mapped by `columns`."""
-    from babl_core.prompts import get_style
+    from babl_core.engine.prompts import get_style
 
     style = get_style(config.style_name)
 
@@ -151,7 +152,7 @@ def _lines(numbers: list[int]) -> str:
 
 def free_run_name(base_name: str) -> str:
     """`base_name`-1, -2, ...: the first name with no adapter, checkpoints or catalog entry of that id."""
-    from babl_core.catalog import Catalog, CatalogError
+    from babl_core.engine.catalog import Catalog, CatalogError
 
     try:
         taken = set(Catalog.load().ids())

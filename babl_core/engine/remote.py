@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 
 from babl_core import settings
-from babl_core.generation import GenerationError, GenerationParams, GenerationStats, StopMatcher
+from babl_core.engine.generation import GenerationError, GenerationParams, GenerationStats, StopMatcher
 
 CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 2.0

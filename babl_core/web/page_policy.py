@@ -34,7 +34,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 
-from babl_core.render import scripts_enabled
+from babl_core.web.render import scripts_enabled
 
 HEADER = "Content-Security-Policy"
 

@@ -11,7 +11,7 @@ checkout, stopped, silently broke the first one's downloads. Chainlit reads the 
 is stale when no live process holds the lock file next to it (an advisory `flock`, released by the
 kernel when its process ends, however it ends).
 
-Stored history (elements kept with a chat) is elsewhere: `history.LocalFileStorage`, `data/files/`.
+Stored history (elements kept with a chat) is elsewhere: `babl_core.storage.files.LocalFileStorage`, `data/files/`.
 """
 
 from __future__ import annotations

@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from babl_core import generation_settings, words
-from babl_core.admission import Admission, Ticket
-from babl_core.cache import ModelCache, base_ref
-from babl_core.catalog import Catalog, ModelSpec, availability
-from babl_core.generation import GenerationParams, GenerationStats
-from babl_core.generation import stream as default_stream
-from babl_core.loading import LoadedModel, ModelUnavailable
-from babl_core.prompts import (
+from babl_core.engine import generation_settings, words
+from babl_core.engine.admission import Admission, Ticket
+from babl_core.engine.availability import availability
+from babl_core.engine.batching import stream as default_stream
+from babl_core.engine.cache import ModelCache, base_ref
+from babl_core.engine.catalog import Catalog, ModelSpec
+from babl_core.engine.generation import GenerationParams, GenerationStats
+from babl_core.engine.loaded import LoadedModel, ModelUnavailable
+from babl_core.engine.prompts import (
     Prompt,
     PromptTooLong,
     build_prompt,
@@ -31,7 +32,7 @@ from babl_core.prompts import (
     get_style,
     with_default_system,
 )
-from babl_core.remote import RemoteStream
+from babl_core.engine.remote import RemoteStream
 
 MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's context; stops 1 MB pastes early
 SETTING_NAMES = generation_settings.NAMES
@@ -463,7 +464,7 @@ class ChatService:
         return data
 
     def admit(self, replies: list[ChatReply], client: str | None) -> list[ChatReply]:
-        """Gate a request's replies on the admission queue, all or none (see `babl_core.admission`);
+        """Gate a request's replies on the admission queue, all or none (see `babl_core.engine.admission`);
         `client` (a chat user, an API caller) gets its share, None none (a caller in this process).
 
         Raises:
@@ -511,6 +512,11 @@ class ChatService:
             raise ModelUnavailable(spec.id, avail.reason)
         return spec
 
+    def _entry(self, model: str | ModelSpec) -> ModelSpec:
+        """`model`'s catalog entry: looked up (`servable_spec`: the listing reads every adapter's
+        babl.json) for an id, taken as it is for an entry this request resolved already."""
+        return model if isinstance(model, ModelSpec) else self.servable_spec(model)
+
     def respond(
         self,
         session: ChatSession,
@@ -542,18 +548,25 @@ class ChatService:
         )
         return self.admit([reply], client)[0]
 
-    def complete(self, model_id: str, messages: list[dict], *, stop_event=None, **overrides) -> ChatReply:
-        """A stateless answer to a message list (the API's chat completions); nothing is recorded."""
+    def complete(
+        self, model_id: str | ModelSpec, messages: list[dict], *, stop_event=None, **overrides
+    ) -> ChatReply:
+        """A stateless answer to a message list (the API's chat completions); nothing is recorded.
+
+        `model_id` is a catalog id, or the entry an earlier reply of the same request has (`reply.spec`):
+        a request's choices then read the catalog listing once."""
         if not messages or messages[-1].get("role") != "user":
             raise BadMessage("messages must end with a user message")
         self.check_message(messages[-1].get("content", ""))
         for index, message in enumerate(messages[:-1]):
             check_text(message.get("content", ""), f"Message {index}")
-        spec = self.servable_spec(model_id)
+        spec = self._entry(model_id)
         params = self.params_for(spec, None, **overrides)
         return ChatReply(self, None, spec, list(messages), params, record=False, stop_event=stop_event)
 
-    def complete_text(self, model_id: str, prompt: str, *, stop_event=None, **overrides) -> ChatReply:
+    def complete_text(
+        self, model_id: str | ModelSpec, prompt: str, *, stop_event=None, **overrides
+    ) -> ChatReply:
         """A stateless continuation of a raw prompt (the API's text completions); nothing is recorded.
 
         The prompt goes to the model as is: no prompt style, so no system prompt, no template and none
@@ -561,7 +574,7 @@ class ChatService:
         as `complete`.
 
         Args:
-            model_id: a catalog id.
+            model_id: a catalog id, or the entry of an earlier reply of the same request (as `complete`).
             prompt: the text to continue (encoder input for seq2seq models).
             stop_event: set it to end the generation early.
             **overrides: generation settings (max_new_tokens, temperature, top_p, top_k,
@@ -574,7 +587,7 @@ class ChatService:
             ValueError: an invalid generation setting (the message names it).
         """
         self.check_message(prompt)
-        spec = self.servable_spec(model_id)
+        spec = self._entry(model_id)
         merged = {k: v for k, v in overrides.items() if v is not None}
         merged.setdefault("stop", ())  # the entry's default stops belong to its prompt style
         params = GenerationParams.from_defaults(spec.generation, **merged).validate()
@@ -638,7 +651,7 @@ class ChatService:
 
 def format_status(status: dict) -> str:
     """`ChatService.status()` as a few lines of text (the CLI's `status`; the chat's `/status` shows the
-    same as a table, `chat_ui.status_markdown`)."""
+    same as a table, `web.ui.status_markdown`)."""
     bases = status.get("bases", [])
     budget = f", budget {status['memory_budget_mb']:.0f} MB" if status.get("memory_budget_mb") else ""
     lines = [f"Loaded bases: {len(bases)} of {status.get('max_models', '?')} slots, "
