@@ -4,7 +4,7 @@
 // outside, on elements it renders:
 //
 // 1. Model dropdown: Chainlit's Select has no disabled entries. An entry that cannot be used on this
-//    machine has a two-line label (babl_core/chat_ui.py: model_choices): its name, then
+//    machine has a two-line label (babl_core/web/ui.py: model_choices): its name, then
 //    "<availability word>: <reason>". Those entries are marked disabled (greyed by babl.css, not
 //    selectable by mouse or keyboard); picking one anyway still gets a message saying why.
 // 2. Commands: typing `/status` and Enter runs the command. Chainlit's first Enter only turns the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,14 @@ def listening_server():
     stop.set()
     thread.join()
     server.close()
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    """The predicate's first truthy value, polled every 0.2 s; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.servers import launch_chromium, require_playwright, server_env, start_chainlit, stop_chainlit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,24 +38,19 @@ def job_records(data_dir: Path) -> dict[str, dict]:
     return records
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def start_training(page, rows: Path, settings: str) -> None:
-    """`/train` → the recipe → upload `rows` → the settings reply."""
+def upload(page, rows: Path) -> None:
+    """`/train` → the recipe → upload `rows`."""
     page.locator("#chat-input").fill("/train")
     page.locator("#chat-input").press("Enter")
     page.get_by_role("button", name=RECIPE).click(timeout=30000)
     page.get_by_role("button", name="Upload a JSONL file").click(timeout=30000)
     page.locator(ANSWERS).filter(has_text="Upload the JSONL file").last.wait_for(timeout=30000)
     page.locator('input[type="file"]').last.set_input_files(str(rows))
+
+
+def start_training(page, rows: Path, settings: str) -> None:
+    """`/train` → the recipe → upload `rows` → the settings reply."""
+    upload(page, rows)
     question = page.locator(ANSWERS).filter(has_text="Reply ok to start")
     question.last.wait_for(timeout=30000)
     send(page, settings)
@@ -107,7 +102,7 @@ def test_train_from_the_chat(session_models_dir, tmp_path):
         os.kill(long_run["pid"], 0)
     finally:
         stop_chainlit(process)
-    wait_until(
+    wait_for(
         lambda: not Path(f"/proc/{long_run['pid']}").exists() or _zombie(long_run["pid"]),
         20,
         "the job to end",
@@ -126,12 +121,7 @@ def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
     # --- a bad upload: one clear message, no job ----------------------------------------------------
     bad = data_dir.parent / "bad-rows.jsonl"
     bad.write_text('{"instruction": "add two numbers"}\n')
-    page.locator("#chat-input").fill("/train")
-    page.locator("#chat-input").press("Enter")
-    page.get_by_role("button", name=RECIPE).click(timeout=30000)
-    page.get_by_role("button", name="Upload a JSONL file").click(timeout=30000)
-    page.locator(ANSWERS).filter(has_text="Upload the JSONL file").last.wait_for(timeout=30000)
-    page.locator('input[type="file"]').last.set_input_files(str(bad))
+    upload(page, bad)
     refused = page.locator(ANSWERS).filter(has_text="Nothing was started")
     refused.last.wait_for(timeout=30000)
     assert "column 'output' is missing or empty on line 1" in refused.last.inner_text()
@@ -148,11 +138,11 @@ def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
             seen.append(int(match.group(1)))
         return len(seen) >= 3
 
-    wait_until(step_shown, 180, "the progress message to update")
+    wait_for(step_shown, 180, "the progress message to update")
     curve = page.locator('img[alt="loss curve"]')
     curve.first.wait_for(timeout=60000)
     first_src = curve.first.get_attribute("src")
-    wait_until(lambda: curve.first.get_attribute("src") != first_src, 60, "the loss curve to grow")
+    wait_for(lambda: curve.first.get_attribute("src") != first_src, 60, "the loss curve to grow")
     page.get_by_role("button", name="Stop").click()
     page.locator(ANSWERS).filter(has_text="can continue from its checkpoint").last.wait_for(timeout=120000)
     record = job_records(data_dir)["first-run"]
@@ -186,11 +176,11 @@ def run_stopped_then_completed(page, models: Path, data_dir: Path) -> None:
     # --- /jobs, and a run left going for the app's stop ------------------------------------------
     send(page, "/jobs")
     table = page.locator(ANSWERS).filter(has_text="second-run")
-    wait_until(lambda: "finished" in table.last.inner_text(), 30, "the jobs table")
+    wait_for(lambda: "finished" in table.last.inner_text(), 30, "the jobs table")
     assert "first-run" in table.last.inner_text() and "stopped" in table.last.inner_text()
     start_training(page, _rows(data_dir), "steps=5000 name=third-run")
     page.locator(ANSWERS).filter(has_text="Training third-run").last.wait_for(timeout=60000)
-    wait_until(
+    wait_for(
         lambda: job_records(data_dir).get("third-run", {}).get("state") == "running", 60, "the third run"
     )
     # A second tab follows the running run too.
