@@ -29,7 +29,9 @@ from tests.conftest import REPO_ROOT, make_lora_adapter, skip_or_fail
 pytestmark = pytest.mark.slow
 
 PARIS = "What is the capital of France?"
-COUNT = "Count from 1 to 100, one number per line."
+# Greedy SmolLM2 writes all 200 tokens for this (it answers "Count from 1 to 100" with 17 tokens and
+# stops, which on a quiet machine ended the answer before the test could stop it).
+COUNT = "Write the numbers from 1 to 100, separated by commas."
 ENTRY_ID = "smollm2-chat-fast"
 
 
