@@ -44,7 +44,7 @@ run: $(VENV)/.run-deps $(VENV)/.weights demo
 
 ## make test [PYTEST_ARGS=...]: lint, then every test (slow and browser tests included), offline.
 ## The llama.cpp engine's tests run the real llama-server: built here once when the cache has none
-## (about 15 minutes on 2 cores; never by `make run`, never inside a test).
+## (about 7 minutes on 2 idle cores, longer when they are busy; never by `make run`, never inside a test).
 test: $(VENV)/.test-deps $(VENV)/.weights llama-server
 	@command -v bwrap >/dev/null || { \
 	  echo "installing bubblewrap (the pass@k code sandbox)"; \

@@ -284,7 +284,7 @@ def cmd_adduser(args: argparse.Namespace) -> int:
 def cmd_engines(args: argparse.Namespace) -> int:
     """Local engines besides transformers: `engines` says where llama-server is (or how to get it);
     `engines build llama.cpp` builds it once from the llama-cpp-python sdist's sources (cmake, ninja,
-    g++; about 15 minutes on 2 cores), cached by version and CPU under BABL_CACHE_DIR or ~/.cache/babl."""
+    g++; about 7 minutes on 2 idle cores), cached by version and CPU under BABL_CACHE_DIR or ~/.cache/babl."""
     from babl_core.engine import llama_cpp
 
     if args.action == "build":

@@ -120,7 +120,7 @@ def missing_reason() -> str:
         return f"{SERVER_ENV}={chosen} is not an executable file; fix the path or unset it"
     # The dropdown shows the text before the first ';' (60 characters): the command comes first.
     return (
-        f"not built yet: {BUILD_COMMAND}; the llama.cpp engine builds once, about 15 minutes on 2 cores "
+        f"not built yet: {BUILD_COMMAND}; the llama.cpp engine builds once, about 7 minutes on 2 idle cores "
         f"(cmake, ninja and g++), or set {SERVER_ENV} to a llama-server binary"
     )
 
@@ -168,7 +168,7 @@ def _build(root: Path, target: Path, jobs: int | None, say: Callable[[str], None
                 shutil.rmtree(src)
             shutil.move(str(vendor), src)
     jobs = jobs or os.cpu_count() or 2
-    say(f"Building llama-server in {root} with {jobs} jobs (about 15 minutes on 2 cores)...")
+    say(f"Building llama-server in {root} with {jobs} jobs (about 7 minutes on 2 idle cores)...")
     start = time.perf_counter()
     _run(["cmake", "-S", str(src), "-B", str(root / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
