@@ -156,7 +156,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class EmailGenerateRequest(ApiRequest):
-    """Seed 003's payload."""
+    """The email endpoint's payload: key points in, `n_gen` emails out."""
 
     prompt: str = Field(description="Key points of the email (optionally 'From:'/'To:' lines).")
     token_count: int | None = setting_field("max_new_tokens")

@@ -1,4 +1,4 @@
-"""The HTTP API on the chat server: OpenAI-compatible routes plus seed 003's email endpoint.
+"""The HTTP API on the chat server: OpenAI-compatible routes plus the email endpoint.
 
 Routes (all on Chainlit's own FastAPI app, same port, same `service()` and model cache as the UI):
 
@@ -7,7 +7,7 @@ Routes (all on Chainlit's own FastAPI app, same port, same `service()` and model
   entry's prompt style; `stream=true` gives server-sent events ending with `data: [DONE]`.
 - `POST /v1/completions`: a raw prompt, continued as is (no prompt style); streamable the same way.
 - `GET /v1/status`: loaded models, memory, active generations, the load queue, API counters.
-- `POST /api/generate` and `POST /`: seed 003's `{prompt, token_count, temperature, n_gen, model?}`
+- `POST /api/generate` and `POST /`: the email endpoint's `{prompt, token_count, temperature, n_gen, model?}`
   → `{generations: [...]}`.
 
 Every generation goes through `ChatService.complete` / `complete_text`, the path the chat UI uses.

@@ -460,7 +460,7 @@ def email_entry(svc: ChatService, requested: str | None) -> tuple[str | ModelSpe
 
 
 async def email_generate(body: EmailGenerateRequest, request: Request) -> EmailGenerateResponse:
-    """Seed 003's endpoint: `n_gen` emails from key points."""
+    """The email endpoint: `n_gen` emails from key points."""
     svc = service()
     with as_api_errors("prompt"):
         check_request(svc.admission.limits, n=body.n_gen, chars=len(body.prompt), param="prompt")
