@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from babl_core import settings
+from babl_core.engine.catalog import ProblemsError
 from babl_core.engine.generation_settings import SETTINGS
 
 KINDS = ("causal", "seq2seq", "auto")
@@ -289,14 +290,8 @@ class FinetuneConfig:
         return settings.adapters_dir() / self.run.run_name
 
 
-class ConfigError(ValueError):
+class ConfigError(ProblemsError):
     """Every problem found in a config, each naming the key and the fix."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"{source} has {len(problems)} {noun}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 # --------------------------------------------------------------------------------------------------

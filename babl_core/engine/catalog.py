@@ -49,14 +49,19 @@ SERVABLE_WORDS = ("local", "cached", "downloadable")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class CatalogError(ValueError):
-    """One or more problems in the catalog file; `problems` lists each with its fix."""
+class ProblemsError(ValueError):
+    """Every problem found in one file, each with its fix: `source` and `problems`, one message listing
+    them. The catalog's and the fine-tuning config's errors both say it this way."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{source} has {len(problems)} {noun}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class CatalogError(ProblemsError):
+    """One or more problems in the catalog file; `problems` lists each with its fix."""
 
 
 class UnknownModel(KeyError):
