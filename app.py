@@ -208,8 +208,15 @@ async def _error(text: str) -> None:
     await cl.ErrorMessage(content=text, author="Babl").send()
 
 
-async def _load(state: ui.UiState, spec: ModelSpec) -> tuple[str | None, str | None]:
-    """Load `spec` for the session inside a status step.
+def _specs(choices: list[ui.ModelChoice]) -> list[ModelSpec]:
+    return [choice.spec for choice in choices]
+
+
+async def _load(
+    state: ui.UiState, spec: ModelSpec, choices: list[ui.ModelChoice]
+) -> tuple[str | None, str | None]:
+    """Load `spec` (an entry of `choices`, the listing this request read) for the session inside a
+    status step. The caller holds `state.model_lock`.
 
     Returns:
         (describe(), None) when loaded (the session now uses it), else (None, why not): the session
@@ -221,7 +228,9 @@ async def _load(state: ui.UiState, spec: ModelSpec) -> tuple[str | None, str | N
         await step.update()
         on_status = ui.status_callback(lambda text: step.stream_token(f"\n{text}"))
         try:
-            description = await service().switch_model(state.chat, spec.id, on_status=on_status)
+            description = await service().switch_model(
+                state.chat, spec.id, on_status=on_status, listing=_specs(choices)
+            )
         except Exception as exc:
             # Shown to the user; the traceback goes to the server log.
             log.exception("loading %s failed", spec.id)
@@ -264,6 +273,11 @@ async def update_settings(values: dict) -> None:
     state = _state()
     if state is None:
         return
+    async with state.model_lock:  # a message sent meanwhile waits, then uses what is set here
+        await _update_settings(state, values)
+
+
+async def _update_settings(state: ui.UiState, values: dict) -> None:
     choices = await _listing()
     change = ui.read_settings(values, state, choices)
     ui.apply_settings(state, change)
@@ -271,7 +285,7 @@ async def update_settings(values: dict) -> None:
     if change.model_id:
         previous = ui.find_choice(choices, state.chat.model_id)
         new = ui.find_choice(choices, change.model_id).spec
-        description, failure = await _load(state, new)
+        description, failure = await _load(state, new, choices)
         if failure:
             notes.append(
                 f"Could not switch to `{new.id}`: {failure}\n\nStill answering with `{state.chat.model_id}`."
@@ -329,7 +343,9 @@ async def answer(message: cl.Message) -> None:
         await _send_settings(state, choices)  # a new adapter or model: shown at the next message
     state.begin_turn(message.id)  # an edited message rewinds the conversation to before it
     stop_event = state.new_stop_event()
-    await ui.finish_even_if_cancelled(_answer_turn(state, message.content, message.id), stop_event.set)
+    await ui.finish_even_if_cancelled(
+        _answer_turn(state, message.content, message.id, choices), stop_event.set
+    )
 
 
 def _status_message() -> Callable[[str], Awaitable[None]]:
@@ -358,25 +374,33 @@ async def _export(state: ui.UiState | None) -> None:
     await conversations.store_elements(files)
 
 
-async def _answer_turn(state: ui.UiState, text: str, message_id: str) -> None:
+async def _answer_turn(state: ui.UiState, text: str, message_id: str, choices: list[ui.ModelChoice]) -> None:
+    """Answer `text` with the session's model, an entry of `choices` (the listing this message read:
+    the turn reads the catalog once)."""
     svc = service()
     try:
-        svc.check_message(text)  # before any load: an empty or huge message fails at once
-        spec = svc.servable_spec(state.chat.model_id)
-        if not await asyncio.to_thread(svc.is_ready, spec):
-            _, failure = await _load(state, spec)
-            if failure:
-                await _error(f"{failure}\n\nPick another model in the settings.")
-                return
-        # Waits are reported (a place in the admission queue, every model slot busy, another request
-        # loading this base) in one message that changes, not a new message for each change.
-        on_status = ui.status_callback(_status_message())
-        reply = svc.respond(
-            state.chat, text, stop_event=state.stop_event, on_status=on_status, client=_client()
-        )
+        # The model is picked after a switch in progress ends, and kept until the answer holds its
+        # place: a settings change racing the message cannot swap the model under it.
+        async with state.model_lock:
+            if ui.find_choice(choices, state.chat.model_id) is None:
+                choices = await _listing()  # switched to an adapter newer than this message's listing
+            # Before any load: an empty or huge message, or a model gone, fails at once.
+            turn = svc.check_turn(state.chat, text, _specs(choices))
+            if not await asyncio.to_thread(svc.is_ready, turn.spec):
+                _, failure = await _load(state, turn.spec, choices)
+                if failure:
+                    await _error(f"{failure}\n\nPick another model in the settings.")
+                    return
+            # Waits are reported (a place in the admission queue, every model slot busy, another
+            # request loading this base) in one message that changes, not a new message for each.
+            on_status = ui.status_callback(_status_message())
+            reply = svc.respond(
+                state.chat, turn, stop_event=state.stop_event, on_status=on_status, client=_client()
+            )
     except ui.USER_ERRORS as exc:
         await _error(ui.error_text(exc))
         return
+    spec = reply.spec
     await _remove_compare_button(state)
     view = ChainlitAnswer(
         author=reply.model_id, turn=lambda: ui.turn_record(state.chat, reply, question_id=message_id)
@@ -453,25 +477,27 @@ async def resume_training(action: cl.Action) -> None:
     await train_chat.resume_job(action)
 
 
-async def _switch_to(model_id: str) -> ui.UiState | None:
-    """Switch this chat to `model_id` as the settings' dropdown would (the listing finds new adapters)."""
+async def _switch_to(model_id: str) -> tuple[ui.UiState, list[ui.ModelChoice]] | None:
+    """Switch this chat to `model_id` as the settings' dropdown would (the listing finds new adapters).
+    Returns the session and the listing read, or None when the switch failed (the user was told)."""
     choices = await _listing()
     state = _state() or await _new_state(choices)
     choice = ui.find_choice(choices, model_id)
     if state is None or choice is None:
         await _error(f"`{model_id}` is not in the model list (was its folder removed?).")
         return None
-    previous = ui.find_choice(choices, state.chat.model_id)
-    description, failure = await _load(state, choice.spec)
-    if failure:
-        await _error(f"Could not switch to `{model_id}`: {failure}")
-        return None
-    changed, kept = ui.settings_for_new_model(state, choice.spec)
+    async with state.model_lock:
+        previous = ui.find_choice(choices, state.chat.model_id)
+        description, failure = await _load(state, choice.spec, choices)
+        if failure:
+            await _error(f"Could not switch to `{model_id}`: {failure}")
+            return None
+        changed, kept = ui.settings_for_new_model(state, choice.spec)
     task_changed = previous is None or previous.spec.task != choice.spec.task
     await _send_settings(state, choices)
     text = ui.switched_text(choice.spec, description, task_changed=task_changed, changed=changed, kept=kept)
     await cl.Message(content=text, author="Babl").send()
-    return state
+    return state, choices
 
 
 @cl.action_callback(train_chat.CHAT_ACTION)
@@ -482,14 +508,15 @@ async def chat_with_adapter(action: cl.Action) -> None:
 @cl.action_callback(train_chat.COMPARE_ACTION)
 async def compare_adapter(action: cl.Action) -> None:
     # The adapter answers the task's example question, then the base the same prompt (Compare with base).
-    state = await _switch_to(action.payload["model"])
-    if state is None:
+    switched = await _switch_to(action.payload["model"])
+    if switched is None:
         return
+    state, choices = switched
     question = train_ui.example_question(action.payload.get("task"))
     asked = await cl.Message(content=f"Asking it: *{question}*", author="Babl").send()
     state.begin_turn(asked.id)
     state.new_stop_event()
-    await _answer_turn(state, question, asked.id)
+    await _answer_turn(state, question, asked.id, choices)
     if state.compare_action is not None:
         await _compare(state)
 

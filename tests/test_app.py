@@ -268,6 +268,58 @@ def test_switch_keeps_the_conversation_and_applies_the_new_entrys_defaults(app_m
     assert tab.last_answer()["name"] == "demo-html"
 
 
+def test_a_message_sent_during_a_switch_is_answered_by_the_model_switched_to(app_module, svc, monkeypatch):
+    """Chainlit runs a settings change and a message concurrently: the message waits for the switch
+    (here a load held open) and is answered by the new model, not the one in effect when it arrived."""
+    import threading
+
+    loading, release = threading.Event(), threading.Event()
+    real_loader = svc.cache._loader
+
+    def slow_loader(spec, plan):
+        if spec.id == "demo-python":
+            loading.set()
+            assert release.wait(30)
+        return real_loader(spec, plan)
+
+    monkeypatch.setattr(svc.cache, "_loader", slow_loader)
+
+    async def go():
+        tab = await started(app_module)
+        await tab.send(app_module, "a page about tea")  # demo-html, loaded
+        switching = asyncio.ensure_future(tab.settings(app_module, model="demo-python"))
+        assert await asyncio.to_thread(loading.wait, 30)
+        sending = asyncio.ensure_future(tab.send(app_module, "def add(a, b):"))
+        await asyncio.sleep(0.5)  # the message has arrived while demo-python is still loading
+        assert not sending.done()
+        release.set()
+        await asyncio.gather(switching, sending)
+        return tab
+
+    tab = run(go())
+    session = state_of(tab).chat
+    assert [m.get("model") for m in session.messages[1::2]] == ["demo-html", "demo-python"]
+    assert tab.last_answer()["name"] == "demo-python" and not tab.errors()
+
+
+def test_a_chat_turn_reads_the_catalog_listing_once(app_module, svc, monkeypatch):
+    """Each listing reads every adapter's babl.json: the message's listing also picks its model."""
+    listings = []
+    real = svc.catalog.list
+    monkeypatch.setattr(svc.catalog, "list", lambda: listings.append(1) or real())
+
+    async def go():
+        tab = await started(app_module)
+        await tab.send(app_module, "a page about tea")  # the first answer loads the model
+        before = len(listings)
+        await tab.send(app_module, "now in blue")
+        return tab, len(listings) - before
+
+    tab, reads = run(go())
+    assert [m.get("model") for m in state_of(tab).chat.messages[1::2]] == ["demo-html", "demo-html"]
+    assert reads == 1
+
+
 def test_values_set_with_the_switch_are_kept(app_module, svc):
     async def go():
         tab = await started(app_module)

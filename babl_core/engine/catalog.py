@@ -620,8 +620,9 @@ class Catalog:
     def ids(self) -> list[str]:
         return [s.id for s in self.list()]
 
-    def get(self, model_id: str) -> ModelSpec:
-        specs = self.list()
+    def get(self, model_id: str, listing: list[ModelSpec] | None = None) -> ModelSpec:
+        """The entry called `model_id`, in `listing` (a `list()` read already) or a new listing."""
+        specs = self.list() if listing is None else listing
         for spec in specs:
             if spec.id == model_id:
                 return spec

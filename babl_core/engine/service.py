@@ -38,6 +38,14 @@ MAX_MESSAGE_CHARS = 100_000  # ~25k tokens: more than any catalog model's contex
 SETTING_NAMES = generation_settings.NAMES
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    """A chat message `ChatService.check_turn` checked, with the catalog entry that answers it."""
+
+    text: str
+    spec: ModelSpec
+
+
 class BadMessage(ValueError):
     """The user's message cannot be sent (empty, too long for the model's context)."""
 
@@ -505,8 +513,15 @@ class ChatService:
         check_text(text, "The message")
         return text
 
-    def servable_spec(self, model_id: str) -> ModelSpec:
-        spec = self.catalog.get(model_id)
+    def servable_spec(self, model_id: str, listing: list[ModelSpec] | None = None) -> ModelSpec:
+        """`model_id`'s entry, if it can be served here. Found in `listing` (a `Catalog.list()` this
+        request read already) when given, else in a new listing, which reads every adapter's babl.json.
+
+        Raises:
+            UnknownModel: no entry has this id.
+            ModelUnavailable: the entry cannot be served here (the reason names the fix).
+        """
+        spec = self.catalog.get(model_id, listing)
         avail = availability(spec)
         if not avail.servable:
             raise ModelUnavailable(spec.id, avail.reason)
@@ -517,10 +532,22 @@ class ChatService:
         babl.json) for an id, taken as it is for an entry this request resolved already."""
         return model if isinstance(model, ModelSpec) else self.servable_spec(model)
 
+    def check_turn(self, session: ChatSession, text: str, listing: list[ModelSpec] | None = None) -> ChatTurn:
+        """Check a chat message and its system prompt, and resolve the session's model, before anything
+        loads: an empty or huge message, or a model gone from the catalog, fails at once. Hand the
+        result to `respond`, which then checks nothing twice.
+
+        Raises:
+            BadMessage, UnknownModel, ModelUnavailable: as `respond`.
+        """
+        self.check_message(text)
+        check_text(session.system_prompt, "The system prompt")
+        return ChatTurn(text, self.servable_spec(session.model_id, listing))
+
     def respond(
         self,
         session: ChatSession,
-        text: str,
+        text: str | ChatTurn,
         *,
         stop_event: threading.Event | None = None,
         on_status: Callable[[str], None] | None = None,
@@ -534,15 +561,19 @@ class ChatService:
         no share, for callers in this process): it waits for a running slot when iterated, reporting its
         place through `on_status` ("Busy: 2 ahead of you").
 
+        `text` is the message, or what `check_turn` made of it for this session. A checked turn whose
+        model is no longer the session's (switched since) is checked again.
+
         Raises:
             BadMessage, UnknownModel, ModelUnavailable, ValueError: as `complete`.
             ServerBusy: the queue is full, or `client` holds its share already.
         """
-        self.check_message(text)
-        check_text(session.system_prompt, "The system prompt")
-        spec = self.servable_spec(session.model_id)
+        turn = text
+        if not isinstance(turn, ChatTurn) or turn.spec.id != session.model_id:
+            turn = self.check_turn(session, turn.text if isinstance(turn, ChatTurn) else turn)
+        spec = turn.spec
         params = self.params_for(spec, session.settings, **overrides)
-        messages = [*session.history(), {"role": "user", "content": text}]
+        messages = [*session.history(), {"role": "user", "content": turn.text}]
         reply = ChatReply(
             self, session, spec, messages, params, record=True, stop_event=stop_event, on_status=on_status
         )
@@ -627,11 +658,14 @@ class ChatService:
         """Whether `spec` answers without a load first: loaded here, or served remotely."""
         return spec.backend == "openai" or self.cache.is_loaded(spec)
 
-    async def switch_model(self, session: ChatSession, model_id: str, *, on_status=None) -> str:
+    async def switch_model(
+        self, session: ChatSession, model_id: str, *, on_status=None, listing: list[ModelSpec] | None = None
+    ) -> str:
         """Load `model_id` for the session (history kept); returns `describe()`. On failure the
         session keeps its previous model and the error propagates. A remote entry loads nothing
-        here: the session just uses it (its server's availability was checked by `servable_spec`)."""
-        spec = self.servable_spec(model_id)
+        here: the session just uses it (its server's availability was checked by `servable_spec`).
+        `listing`: the catalog listing the caller read already (see `servable_spec`)."""
+        spec = self.servable_spec(model_id, listing)
         if spec.backend == "openai":
             session.model_id = spec.id
             return remote_description(spec)

@@ -216,6 +216,9 @@ class UiState:
             while the others take the new model's defaults.
         named_by: What named the chat's thread: "" (no message yet), "command" (Chainlit named
             it after a command, so the first question renames it) or "question".
+        model_lock: Held while the session switches model, and while a message picks the model
+            that answers it: Chainlit runs a settings change and a message concurrently, and a
+            message sent during a switch is answered by the model switched to.
     """
 
     chat: ChatSession
@@ -226,6 +229,7 @@ class UiState:
     compare_action: Any = None
     user_set: set[str] = field(default_factory=set)
     named_by: str = ""
+    model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def for_model(cls, spec: ModelSpec) -> UiState:
