@@ -258,8 +258,8 @@ def prepared(config):
     from finetune import factories
     from finetune.data import prepare_data
 
-    spec = factories.model_spec(config)
-    loaded = load_base(spec, plan_load(spec, "cpu"))
+    base = factories.base_weights(config)
+    loaded = load_base(base, plan_load(base, "cpu"))
     loaded.tokenizer.padding_side = "right"
     data = prepare_data(loaded.tokenizer, config, kind="causal")
     model = loaded.model

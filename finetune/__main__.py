@@ -113,13 +113,13 @@ def _dry_run(config) -> int:
     from babl_core.engine.loaded import ModelUnavailable
     from babl_core.engine.loading import base_source, load_tokenizer, plan_load
     from finetune.data import DataError, describe_preview, prepare_data
-    from finetune.factories import model_spec
+    from finetune.factories import base_weights
 
     try:
         base = config.model.base
         if config.model.gguf_file:  # the tokenizer is in the GGUF: read it from the converted folder
-            spec = model_spec(config)
-            base = base_source(spec, plan_load(spec))[0]
+            weights = base_weights(config)
+            base = base_source(weights, plan_load(weights))[0]
         tokenizer = load_tokenizer(base, config.model.kind)
         tokenizer.padding_side = "right"
         prepared = prepare_data(tokenizer, config, kind=config.model.kind)

@@ -447,10 +447,10 @@ def build_config(
 
 def detect_kind(base: str) -> str:
     """causal or seq2seq, from the base's config.json when it is on disk, else from its name."""
-    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.catalog import BaseWeights
     from babl_core.engine.catalog import detect_kind as detect
 
-    return detect(ModelSpec(id="base", label="base", task="chat", base=base))
+    return detect(BaseWeights(base=base))
 
 
 def validate(config: FinetuneConfig) -> list[str]:

@@ -119,13 +119,7 @@ def resolve_target(
         EvalError: no trained model there, or no settings to evaluate it with.
         ConfigError: the settings have problems (each with its fix).
     """
-    from babl_core.engine.catalog import (
-        Catalog,
-        GenerationDefaults,
-        ModelSpec,
-        looks_like_path,
-        read_adapter_info,
-    )
+    from babl_core.engine.catalog import Catalog, read_adapter_info
     from finetune.config import EvalArgs, load_config
 
     if adapter is None and config_path is None:
@@ -166,28 +160,7 @@ def resolve_target(
     except ValueError as exc:
         raise EvalError(f"{settings.portable_path(path)}: {exc}") from exc
 
-    catalog = Catalog.load()
-    full = (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-    if full:
-        # A complete model directory: served as an entry's base, loaded like the entry on its old base.
-        twin = next((s for s in catalog.entries if s.backend == "local" and s.base == info.base), None)
-        spec = ModelSpec(
-            id=info.id, label=info.label, task=info.task, base=settings.portable_path(path),
-            kind=config.model.kind, quantization=twin.quantization if twin else "none",
-            dtype=twin.dtype if twin else "auto", prompt_style=info.prompt_style,
-            generation=twin.generation if twin else GenerationDefaults(),
-        )  # fmt: skip
-    else:
-        spec = next(
-            (
-                s
-                for s in catalog.list()
-                if s.adapter
-                and looks_like_path(s.adapter)
-                and settings.resolve_path(s.adapter).resolve() == path.resolve()
-            ),
-            None,
-        ) or catalog.spec_for_adapter(info)
+    spec = Catalog.load().spec_for_trained(path, info, kind=config.model.kind)
     return EvalTarget(path=path, config=config, spec=spec, info=info)
 
 

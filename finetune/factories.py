@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from babl_core import settings
-from babl_core.engine.catalog import ModelSpec
+from babl_core.engine.catalog import BaseWeights
 from finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def training_device() -> str:
     return device
 
 
-def model_spec(config: FinetuneConfig) -> ModelSpec:
-    """The base as a catalog entry, so `babl_core.engine.loading` applies the app's policy to it."""
+def base_weights(config: FinetuneConfig) -> BaseWeights:
+    """The run's base and how to load it, so `babl_core.engine.loading` applies the app's policy to it."""
     model = config.model
     in_demo_dir = False
     if model.base:
@@ -43,17 +43,14 @@ def model_spec(config: FinetuneConfig) -> ModelSpec:
             )
         except OSError:
             in_demo_dir = False
-    return ModelSpec(
-        id=config.run.run_name,
-        label=config.label,
-        task=config.run.task,
+    return BaseWeights(
         base=model.base,
         gguf_file=model.gguf_file,
         kind=model.kind,
         quantization=model.quantization,
         dtype=model.dtype,
-        prompt_style=config.style_name,
         demo=in_demo_dir,
+        name=config.run.run_name or "",
     )
 
 

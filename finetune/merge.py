@@ -261,7 +261,7 @@ def plan_merge(
     Raises:
         MergeError: every problem found, in one message.
     """
-    from babl_core.engine.catalog import DEFAULT_STYLE_FOR_TASK, ModelSpec, detect_kind
+    from babl_core.engine.catalog import DEFAULT_STYLE_FOR_TASK, BaseWeights, detect_kind
     from babl_core.engine.devices import resolve_device
 
     problems: list[str] = []
@@ -310,7 +310,7 @@ def plan_merge(
     style = (meta or {}).get("prompt_style") or DEFAULT_STYLE_FOR_TASK.get(task, "plain-chat")
     task_type = adapter_config.get("task_type")
     kind_hint = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task_type)
-    kind = kind_hint or detect_kind(ModelSpec(id=run_name, label=run_name, task=task, base=base_ref))
+    kind = kind_hint or detect_kind(BaseWeights(base=base_ref))
     twin = _catalog_twin(adapter_dir, base_ref)
     device = resolve_device()
     notes: list[str] = []
@@ -430,18 +430,18 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
     """
     from peft import PeftModel
 
-    from babl_core.engine.catalog import ModelSpec
+    from babl_core.engine.catalog import BaseWeights
     from babl_core.engine.loaded import LoadPlan
     from babl_core.engine.loading import load_base, release
     from finetune.factories import quiet_training_noise
 
     started = time.perf_counter()
     quiet_training_noise()
-    spec = ModelSpec(
-        id=plan.run_name, label=plan.label, task=plan.task, base=plan.base, kind=plan.kind,
-        quantization="none", dtype=plan.dtype, prompt_style=plan.prompt_style,
-    )  # fmt: skip
-    loaded = load_base(spec, LoadPlan(device=plan.device, quantization="none", dtype=plan.dtype))
+    unquantized = LoadPlan(device=plan.device, quantization="none", dtype=plan.dtype)
+    base = BaseWeights(
+        base=plan.base, kind=plan.kind, quantization="none", dtype=plan.dtype, name=plan.run_name
+    )
+    loaded = load_base(base, unquantized)
     log.info("base %s: %s", plan.base, loaded.describe())
     tokenizer = loaded.tokenizer
     inputs = check_inputs(tokenizer, style_name=plan.prompt_style, kind=plan.kind)
@@ -465,13 +465,14 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
         del merged
 
         # Reload the export exactly as the app would serve it: a plain base, no adapter.
-        reloaded = load_base(
-            ModelSpec(
-                id=f"{plan.run_name}-merged", label=plan.label, task=plan.task, base=str(staging),
-                kind=plan.kind, quantization="none", dtype=plan.dtype, prompt_style=plan.prompt_style,
-            ),
-            LoadPlan(device=plan.device, quantization="none", dtype=plan.dtype),
-        )  # fmt: skip
+        merged_weights = BaseWeights(
+            base=str(staging),
+            kind=plan.kind,
+            quantization="none",
+            dtype=plan.dtype,
+            name=f"{plan.run_name}-merged",
+        )
+        reloaded = load_base(merged_weights, unquantized)
         check = compare_logits(reference, logits_on(reloaded.model, inputs, plan.device), plan.tolerance)
         release(reloaded)
         if not check.passed:

@@ -162,10 +162,10 @@ def test_twins_run_offline_on_demo_models_and_our_samples(path):
 def test_quantization_follows_the_app_policy():
     """`auto` means what babl_core.engine.loading means: nf4 with CUDA for causal models, none on CPU."""
     from babl_core.engine.loading import plan_load
-    from finetune.factories import model_spec
+    from finetune.factories import base_weights
 
     config = load(CONFIG_DIR / "python-codegen-lora.yaml")
-    spec = model_spec(config)
+    spec = base_weights(config)
     gpu = plan_load(spec, "cuda:0")
     assert (gpu.quantization, gpu.dtype) == ("nf4", "float16")
     cpu = plan_load(spec, "cpu")

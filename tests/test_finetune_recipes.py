@@ -356,8 +356,8 @@ def test_qlora_gradients_survive_an_evaluation(models_dir, fixed):
     from finetune import factories
 
     config = load_config(CONFIGS / "demo-html.yaml", {"lora_dropout": 0.0})
-    spec = factories.model_spec(config)
-    loaded = load_base(spec, plan_load(spec, "cpu"))
+    base = factories.base_weights(config)
+    loaded = load_base(base, plan_load(base, "cpu"))
     assert loaded.plan.quantization == "nf4"
     model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
     repackable = factories.keep_4bit_weights_trainable(model) if fixed else 0

@@ -292,9 +292,9 @@ def test_finetune_records_base_and_gguf_file_in_babl_json():
     assert config.model.kind == "causal"
     document = metadata(config, {})
     assert (document["base"], document["gguf_file"]) == (values["base"], values["gguf_file"])
-    from finetune.factories import model_spec
+    from finetune.factories import base_weights
 
-    assert model_spec(config).gguf_file == values["gguf_file"]
+    assert base_weights(config).gguf_file == values["gguf_file"]
 
 
 # --- the entry's system prompt -------------------------------------------------------------------

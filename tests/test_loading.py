@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from babl_core.engine.batching import generate_text
-from babl_core.engine.catalog import Catalog, ModelSpec
+from babl_core.engine.catalog import BaseWeights, Catalog, ModelSpec
 from babl_core.engine.generation import GenerationParams
 from babl_core.engine.loaded import ModelUnavailable
 from babl_core.engine.loading import load_model, plan_load
@@ -119,3 +119,37 @@ def test_seq2seq_demo_loads(catalog):
     loaded = load_model(catalog.get("demo-qa"))
     assert loaded.kind == "seq2seq"
     assert loaded.context_length == 1024
+
+
+def test_a_base_without_an_entry_loads_as_its_entry_would(catalog):
+    """Fine-tuning, merging and evaluation load a bare base (`BaseWeights`): same plan, same weights."""
+    from babl_core.engine.loading import load_base, release
+
+    entry = catalog.get("demo-python")
+    base = BaseWeights(base=entry.base, quantization=entry.quantization, dtype=entry.dtype, name="my-run")
+    assert plan_load(base, "cpu") == plan_load(entry, "cpu")
+    assert entry.weights.name == "demo-python" and entry.weights.base == entry.base
+    loaded = load_base(base, plan_load(base, "cpu"))
+    try:
+        assert loaded.kind == "causal" and loaded.base == entry.base
+        assert generate_text(loaded, "def add(a, b):", GREEDY) == generate_text(
+            load_model(entry), "def add(a, b):", GREEDY
+        )
+    finally:
+        release(loaded)
+
+
+def test_a_bare_base_that_is_missing_names_the_run_and_a_fix_that_applies_to_it(monkeypatch, tmp_path):
+    from babl_core.engine.loading import load_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelUnavailable) as hub:
+        load_base(BaseWeights(base="someone/not-here", name="my-run"))
+    message = str(hub.value)
+    assert message.startswith("my-run is unavailable") and "not in the Hugging Face cache" in message
+    assert "babl_core download" not in message  # that command takes catalog ids, and my-run is none
+    with pytest.raises(ModelUnavailable) as folder:
+        load_base(BaseWeights(base=str(tmp_path / "gone"), name="my-run"))
+    assert "is missing; fix the path or restore the directory" in str(folder.value)
+    assert "catalog" not in str(folder.value)

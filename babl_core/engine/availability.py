@@ -17,6 +17,7 @@ from babl_core.engine import gguf, llama_cpp
 from babl_core.engine.catalog import (
     AVAILABILITY_WORDS,
     Availability,
+    BaseWeights,
     Catalog,
     ModelSpec,
     hub_cached_dir,
@@ -28,13 +29,21 @@ from babl_core.engine.remote import probe
 log = logging.getLogger(__name__)
 
 
-def _fix_for_missing(spec: ModelSpec, what: str, path: Path) -> str:
+def _fix_for_missing(spec: ModelSpec | BaseWeights, what: str, path: Path) -> str:
     if spec.demo:
         return f"{what} {settings.portable_path(path)} is missing; build the demo models: python -m babl_core demo"
+    if isinstance(spec, BaseWeights):
+        return f"{what} {path} is missing; fix the path or restore the directory"
     return f"{what} {path} is missing; fix the path in the catalog or restore the directory"
 
 
-def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
+def _download_fix(spec: ModelSpec | BaseWeights) -> str:
+    if isinstance(spec, BaseWeights):  # not a catalog entry: no download command names it
+        return "when online run this again: the hub's files are downloaded on first use"
+    return f"when online run: python -m babl_core download {spec.id}"
+
+
+def _where(spec: ModelSpec | BaseWeights, ref: str, what: str, marker: str) -> Availability:
     """Availability of one artefact (base or adapter) named by hub id or path."""
     if looks_like_path(ref):
         path = settings.resolve_path(ref)
@@ -45,15 +54,13 @@ def _where(spec: ModelSpec, ref: str, what: str, marker: str) -> Availability:
         return Availability("cached", f"{what} {ref} is in the Hugging Face cache")
     if is_offline():
         return Availability(
-            "unavailable",
-            f"offline and {what} {ref} is not in the Hugging Face cache; "
-            f"when online run: python -m babl_core download {spec.id}",
+            "unavailable", f"offline and {what} {ref} is not in the Hugging Face cache; {_download_fix(spec)}"
         )
     return Availability("downloadable", f"{what} {ref} will be downloaded from the hub on first use")
 
 
-def _base_availability(spec: ModelSpec) -> Availability:
-    """Where the entry's base weights are: its GGUF file for GGUF entries, else its base folder or hub id."""
+def base_availability(spec: ModelSpec | BaseWeights) -> Availability:
+    """Where the base weights are: the GGUF file for GGUF bases, else the base folder or hub id."""
     if spec.gguf_file:
         return Availability(*gguf.availability(spec.gguf_file, spec.base))
     return _where(spec, spec.base, "base model", "config.json")
@@ -71,7 +78,7 @@ def availability(spec: ModelSpec) -> Availability:
         if not (adapter_dir / "adapter_config.json").is_file():
             how = spec.train_command or "python -m finetune train --config <recipe>.yaml"
             where = settings.portable_path(adapter_dir)
-            base = _base_availability(spec)
+            base = base_availability(spec)
             if base.word != "unavailable":
                 return Availability("needs-training", f"no adapter at {where} yet; train one: {how}")
             # Training needs the base too: say so before the commands, which are long.
@@ -84,7 +91,7 @@ def availability(spec: ModelSpec) -> Availability:
                     f"train one: {how}"
                 )
             return Availability("needs-training", reason)
-    base = _base_availability(spec)
+    base = base_availability(spec)
     if base.word != "unavailable" and spec.engine == "llama.cpp":
         problem = llama_cpp.availability_problem(spec)
         if problem:

@@ -138,6 +138,43 @@ class ModelSpec:
         data["generation"]["stop"] = list(self.generation.stop)
         return data
 
+    @property
+    def weights(self) -> BaseWeights:
+        """The base this entry loads, and how (its adapter is loaded onto it afterwards)."""
+        return BaseWeights(
+            base=self.base, gguf_file=self.gguf_file, kind=self.kind, quantization=self.quantization,
+            dtype=self.dtype, demo=self.demo, name=self.id,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """A base model and how to load it, with no entry around it: what the loader reads
+    (`babl_core.engine.loading.load_base`). Each catalog entry has one (`ModelSpec.weights`);
+    fine-tuning, merging and evaluation build theirs from a run's settings, with no catalog id, label,
+    task or prompt style to make up.
+
+    Attributes:
+        base: hub id (org/name) or local folder; with `gguf_file`, the hub repo the file comes from.
+        gguf_file: the weights as a GGUF file (see `babl_core.engine.gguf`), converted once.
+        kind: causal or seq2seq; None: read from the base's config.json (`detect_kind`).
+        quantization, dtype: as the catalog's fields (auto: the loading policy decides).
+        demo: a demo model, whose missing folder `python -m babl_core demo` builds.
+        name: how messages name it (an entry's id, a run's name); empty: the base.
+    """
+
+    base: str
+    gguf_file: str | None = None
+    kind: str | None = None
+    quantization: str = "auto"
+    dtype: str = "auto"
+    demo: bool = False
+    name: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.base
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -446,7 +483,7 @@ def _local_model_dir(value: str) -> Path:
     return settings.resolve_path(value)
 
 
-def detect_kind(spec: ModelSpec) -> str:
+def detect_kind(spec: ModelSpec | BaseWeights) -> str:
     """causal or seq2seq: the entry's `kind`, else the base's config.json, else a name heuristic."""
     if spec.kind:
         return spec.kind
@@ -616,6 +653,28 @@ class Catalog:
             source="discovered",
             metrics=info.metrics,
         )
+
+    def spec_for_trained(self, path: Path, info: AdapterInfo, *, kind: str | None = None) -> ModelSpec:
+        """How the app serves the model trained into `path` (its babl.json read as `info`).
+
+        An adapter: the listed entry that loads this folder, else its discovered entry (`spec_for_adapter`).
+        A full fine-tune (a complete model folder): an entry with that folder as its base, loaded like the
+        catalog entry on the base it was trained from; `kind` causal or seq2seq (None: detected).
+        """
+        full = (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+        if not full:
+            listed = (
+                s
+                for s in self.list()
+                if s.adapter and looks_like_path(s.adapter) and _same_place(s.adapter, str(path))
+            )
+            return next(listed, None) or self.spec_for_adapter(info)
+        twin = next((s for s in self.entries if s.backend == "local" and s.base == info.base), None)
+        return ModelSpec(
+            id=info.id, label=info.label, task=info.task, base=settings.portable_path(path), kind=kind,
+            quantization=twin.quantization if twin else "none", dtype=twin.dtype if twin else "auto",
+            prompt_style=info.prompt_style, generation=twin.generation if twin else GenerationDefaults(),
+        )  # fmt: skip
 
     def ids(self) -> list[str]:
         return [s.id for s in self.list()]

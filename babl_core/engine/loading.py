@@ -1,5 +1,8 @@
 """Loading a catalog entry: quantization policy, device placement, tokenizer, PEFT adapters.
 
+`plan_load` and `load_base` take a catalog entry (`ModelSpec`: the app, the API, the CLI) or just a base
+(`BaseWeights`: fine-tuning, merging and evaluation load the same way without an entry).
+
 The policy (DESIGN.md): with CUDA, bitsandbytes nf4 with double quantization and the entry's compute
 dtype (the seeds' configs). On CPU the same request goes through bitsandbytes' CPU backend, which loads
 nf4/int8 in 0.50; if that fails the model loads in a plain dtype instead, and `describe()` says so.
@@ -15,8 +18,8 @@ import time
 import warnings
 
 from babl_core import settings
-from babl_core.engine.availability import availability
-from babl_core.engine.catalog import ModelSpec, detect_kind, is_offline, looks_like_path
+from babl_core.engine.availability import availability, base_availability
+from babl_core.engine.catalog import BaseWeights, ModelSpec, detect_kind, is_offline, looks_like_path
 from babl_core.engine.devices import apply_thread_setting, in_passing_thread, resolve_device
 from babl_core.engine.loaded import (
     LoadedModel,
@@ -69,13 +72,15 @@ quiet_known_warnings()
 # The plan: what will actually be loaded, decided before touching weights
 
 
-def plan_load(spec: ModelSpec, device: str | None = None) -> LoadPlan:
-    """Apply the quantization policy to an entry on a device (see the module docstring)."""
+def plan_load(spec: ModelSpec | BaseWeights, device: str | None = None) -> LoadPlan:
+    """Apply the quantization policy to an entry (or a base) on a device (see the module docstring)."""
     import torch
 
     from babl_core.engine.llama_cpp import engine_for
 
-    if engine_for(spec) == "llama.cpp":  # the GGUF file's own precision, on llama.cpp's CPU backend
+    if (
+        isinstance(spec, ModelSpec) and engine_for(spec) == "llama.cpp"
+    ):  # the GGUF file's own precision, on llama.cpp's CPU backend
         return LoadPlan(device="cpu", quantization="gguf", dtype="gguf", engine="llama.cpp")
 
     device = device or resolve_device()
@@ -139,25 +144,33 @@ def _source(ref: str) -> tuple[str, dict]:
     return ref, ({"local_files_only": True} if is_offline() else {})
 
 
-def base_source(spec: ModelSpec, plan: LoadPlan) -> tuple[str, dict]:
-    """Where `spec`'s base weights and tokenizer are read from: for a GGUF entry, its safetensors
+def base_source(spec: ModelSpec | BaseWeights, plan: LoadPlan) -> tuple[str, dict]:
+    """Where `spec`'s base weights and tokenizer are read from: for a GGUF base, its safetensors
     folder in the plan's dtype (converted on first use, see `babl_core.engine.gguf`); else `_source`."""
-    if not spec.gguf_file:
-        return _source(spec.base)
+    weights = _weights(spec)
+    if not weights.gguf_file:
+        return _source(weights.base)
     from babl_core.engine.gguf import GGUFUnavailable, converted_dir
 
     try:
-        return str(converted_dir(spec, plan.dtype)), {}
+        return str(converted_dir(weights, plan.dtype)), {}
     except GGUFUnavailable as exc:
-        raise ModelUnavailable(spec.id, str(exc)) from exc
+        raise ModelUnavailable(weights.display_name, str(exc)) from exc
 
 
-def _check(spec: ModelSpec) -> None:
-    if spec.backend != "local":
+def _weights(spec: ModelSpec | BaseWeights) -> BaseWeights:
+    return spec.weights if isinstance(spec, ModelSpec) else spec
+
+
+def _check(spec: ModelSpec | BaseWeights) -> None:
+    if isinstance(spec, BaseWeights):
+        avail = base_availability(spec)
+    elif spec.backend != "local":
         raise ModelUnavailable(spec.id, f"backend {spec.backend!r} is served remotely, not loaded here")
-    avail = availability(spec)
+    else:
+        avail = availability(spec)
     if not avail.servable:
-        raise ModelUnavailable(spec.id, avail.reason)
+        raise ModelUnavailable(_weights(spec).display_name, avail.reason)
 
 
 def load_tokenizer(ref: str, kind: str):
@@ -172,8 +185,8 @@ def load_tokenizer(ref: str, kind: str):
     return tokenizer
 
 
-def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
-    """Load the base weights and tokenizer of `spec` (no adapter), following the policy.
+def load_base(spec: ModelSpec | BaseWeights, plan: LoadPlan | None = None) -> LoadedModel:
+    """Load the base weights and tokenizer of `spec` (an entry: without its adapter), following the policy.
 
     Raises:
         ModelUnavailable: the entry cannot be served here (the message has the reason and the fix).
@@ -183,17 +196,22 @@ def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
     _check(spec)
     plan = plan or plan_load(spec)
     if plan.engine == "llama.cpp":
+        if not isinstance(spec, ModelSpec):
+            raise ValueError(
+                "llama.cpp serves catalog entries: load a bare base with the transformers engine"
+            )
         from babl_core.engine.llama_cpp import load_server
 
         return load_server(spec, plan)
     apply_thread_setting()
-    kind = detect_kind(spec)
+    weights = _weights(spec)
+    kind = detect_kind(weights)
     auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     notes = list(plan.notes)
     start = time.perf_counter()
-    source, extra = base_source(spec, plan)
+    source, extra = base_source(weights, plan)
     try:
-        tokenizer = load_tokenizer(source if spec.gguf_file else spec.base, kind)
+        tokenizer = load_tokenizer(source if weights.gguf_file else weights.base, kind)
         model = None
         if plan.quantization in ("nf4", "int8"):
             try:
@@ -211,26 +229,28 @@ def load_base(spec: ModelSpec, plan: LoadPlan | None = None) -> LoadedModel:
                 notes.append(
                     f"{plan.quantization} failed on {plan.device} ({exc.__class__.__name__}); loaded {fallback}"
                 )
-                log.warning("%s: %s load failed on %s: %s", spec.id, plan.quantization, plan.device, exc)
+                log.warning(
+                    "%s: %s load failed on %s: %s", weights.display_name, plan.quantization, plan.device, exc
+                )
                 plan = LoadPlan(plan.device, "none", fallback, plan.notes)
         if model is None:
             model = auto_cls.from_pretrained(source, dtype=_torch_dtype(plan.dtype), **extra)
             model.to(plan.device)
     except (OSError, ValueError) as exc:  # missing/corrupt files, unknown architecture
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ModelUnavailable(spec.id, f"could not read {spec.base}: {first_line}") from exc
+        raise ModelUnavailable(weights.display_name, f"could not read {weights.base}: {first_line}") from exc
     model.eval()
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         kind=kind,
-        base=spec.base,
+        base=weights.base,
         plan=plan,
         footprint_bytes=int(model.get_memory_footprint()),
         load_seconds=time.perf_counter() - start,
         notes=notes,
     )
-    log.info("loaded %s: %s in %.1f s", spec.base, loaded.describe(), loaded.load_seconds)
+    log.info("loaded %s: %s in %.1f s", weights.base, loaded.describe(), loaded.load_seconds)
     return loaded
 
 

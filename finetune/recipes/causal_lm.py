@@ -40,9 +40,9 @@ def train(config: FinetuneConfig) -> TrainResult:
     set_seed(config.train.seed)
 
     # --- 1. the base, loaded as the app would load it ------------------------------------------------
-    spec = factories.model_spec(config)
-    plan = plan_load(spec, factories.training_device())
-    loaded = load_base(spec, plan)
+    base = factories.base_weights(config)
+    plan = plan_load(base, factories.training_device())
+    loaded = load_base(base, plan)
     model, tokenizer = loaded.model, loaded.tokenizer
     log.info("base %s: %s", config.model.base, loaded.describe())
     tokenizer.padding_side = "right"  # training pads after the answer; the app pads left to generate

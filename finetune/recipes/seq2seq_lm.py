@@ -36,9 +36,9 @@ def train(config: FinetuneConfig) -> TrainResult:
     full = config.adapter.finetuning == "full"
 
     # --- 1. the base, loaded as the app would load it ------------------------------------------------
-    spec = factories.model_spec(config)
-    plan = plan_load(spec, factories.training_device())
-    loaded = load_base(spec, plan)
+    base = factories.base_weights(config)
+    plan = plan_load(base, factories.training_device())
+    loaded = load_base(base, plan)
     model, tokenizer = loaded.model, loaded.tokenizer
     log.info("base %s: %s", config.model.base, loaded.describe())
 
