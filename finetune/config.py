@@ -66,7 +66,9 @@ class RunArgs:
     task: str | None = setting(None, "what the adapter is for", settings.TASKS, required=True)
     label: str | None = setting(None, "dropdown label (default: '<run_name> (LoRA on <base>)')")
     prompt_style: str | None = setting(
-        None, "prompt style from babl_core.engine.prompts (default: the task's usual style)"
+        None,
+        "how each example is written as a prompt: the prompt_style of the catalog entries that serve the "
+        "model (default: the task's usual style)",
     )
     overwrite: bool = setting(
         False, "replace an existing adapter of this name, or checkpoints an interrupted run left"
