@@ -20,6 +20,7 @@ The standard library does all of this in a few lines; the packages that once did
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -176,10 +177,13 @@ def staging_path(target: Path) -> Path:
 
 
 def fresh_staging_dir(target: Path) -> Path:
-    """`staging_path(target)`, emptied (a crashed attempt's leftovers go) and created."""
+    """`staging_path(target)`, emptied and created. What a killed attempt left of this target goes first:
+    its half-assembled folder, and an old folder it had swapped out but not yet deleted."""
     staging = staging_path(target)
     if staging.exists():
         shutil.rmtree(staging)
+    for old in staging.parent.glob(f"{glob.escape(target.name)}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 

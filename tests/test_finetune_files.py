@@ -225,10 +225,13 @@ def test_a_folder_that_appeared_meanwhile_is_refused_and_kept(tmp_path):
     assert sorted(os.listdir(tmp_path / "adapters" / ".partial")) == ["other-run"]  # theirs stays
 
 
-def test_a_crashed_attempts_leftovers_are_cleared_before_staging(tmp_path):
+def test_a_killed_attempts_leftovers_are_cleared_before_staging(tmp_path):
     target = tmp_path / "adapters" / "run"
     run(files.staging_path(target), "stale-weights")
+    run(tmp_path / "adapters" / ".partial" / "run.old-1764655000000000000", "swapped-out-weights")
+    run(tmp_path / "adapters" / ".partial" / "run-2.old-1764655000000000000", "another-runs")
     with staged_dir(target, overwrite=False) as staging:
         assert os.listdir(staging) == []
         (staging / "babl.json").write_text("{}")
     assert sorted(os.listdir(target)) == ["babl.json"]
+    assert os.listdir(tmp_path / "adapters" / ".partial") == ["run-2.old-1764655000000000000"]
