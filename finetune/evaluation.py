@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -45,6 +43,7 @@ from typing import Any
 from babl_core import settings
 from babl_core.engine import words
 from finetune.config import FinetuneConfig, build_config, read_yaml
+from finetune.files import RunNotFound, find_run_dir, write_json_atomic
 from finetune.model_card import TASK_METRIC_NAMES
 
 log = logging.getLogger("finetune")
@@ -84,22 +83,6 @@ class EvalTarget:
         return self.info.id
 
 
-def _adapter_dir(adapter: str) -> Path:
-    """A run directory, or a run name under models/adapters (or models/finetuned for full fine-tunes)."""
-    given = settings.resolve_path(adapter)
-    candidates = [given]
-    if "/" not in adapter and "\\" not in adapter:
-        candidates += [settings.adapters_dir() / adapter, settings.models_dir() / "finetuned" / adapter]
-    for path in candidates:
-        if (path / "babl.json").is_file():
-            return path
-    looked = ", ".join(settings.portable_path(p) for p in candidates)
-    raise EvalError(
-        f"--adapter {adapter}: no trained model there (looked for babl.json in {looked}); name a run "
-        "directory or run name, or train it first: python -m finetune train --config <recipe>.yaml"
-    )
-
-
 def resolve_target(
     *, adapter: str | None = None, config_path: str | Path | None = None, overrides: dict | None = None
 ) -> EvalTarget:
@@ -130,7 +113,10 @@ def resolve_target(
         located = load_config(config_path, overrides, check_environment=False)
         file_values = read_yaml(Path(config_path))
     if adapter is not None:
-        path = _adapter_dir(adapter)
+        try:
+            path = find_run_dir(adapter)  # a run name, or its folder
+        except RunNotFound as exc:
+            raise EvalError(str(exc)) from None
     else:
         path = located.adapter_path()
         if not (path / "babl.json").is_file():
@@ -755,22 +741,6 @@ def _rounded(value):
 
 def eval_file_name(eval_set: str) -> str:
     return EVAL_FILE if eval_set == "split" else f"eval-{eval_set}.json"
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON to a temporary file beside `path` and rename it over `path` (readers never see half)."""
-    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=True) + "\n"
-    # mkstemp makes the file private (0600); keep the mode the file had, so the app can still read it.
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_results(target: EvalTarget, report: EvalReport) -> Path:

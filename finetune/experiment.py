@@ -24,6 +24,7 @@ from pathlib import Path
 
 from babl_core import settings
 from finetune.config import FinetuneConfig, context_styles, has_context_field, load_config
+from finetune.files import replacing, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("finetune")
 
@@ -161,7 +162,7 @@ def run_experiment(
     recipe = configs[0].source or str(config_path)
     markdown = to_markdown(recipe, arms, verdict, questions=questions)
     markdown_path, json_path = output_dir / "experiment.md", output_dir / "experiment.json"
-    evaluation.write_json_atomic(
+    write_json_atomic(
         json_path,
         {
             "experiment": "does the context passage help the Q&A model? with and without context",
@@ -176,7 +177,7 @@ def run_experiment(
     )
     if plot_experiment(arms, output_dir / PLOT_FILE) is not None:
         markdown += f"\n![Both arms' losses, exact match and F1]({PLOT_FILE})\n"
-    markdown_path.write_text(markdown, encoding="utf-8")
+    write_text_atomic(markdown_path, markdown)
     return ExperimentResult(recipe, arms, verdict, questions, markdown_path, json_path, markdown)
 
 
@@ -385,5 +386,6 @@ def plot_experiment(arms: list[ArmResult], path: Path) -> Path | None:
     scores.legend(fontsize="small")
     figure.suptitle("Does the context passage help?")
     figure.tight_layout()
-    figure.savefig(path)
+    with replacing(path) as partial:
+        figure.savefig(partial, format="png")
     return path

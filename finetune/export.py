@@ -49,11 +49,11 @@ def export_gguf_lora(adapter: str, *, outtype: str = "f32") -> Path:
             failed (its last lines are in the message).
     """
     from babl_core.engine import llama_cpp
-    from finetune.merge import MergeError, resolve_adapter_dir
+    from finetune.files import RunNotFound, find_adapter_dir, replacing
 
     try:
-        run_dir = resolve_adapter_dir(adapter)
-    except MergeError as exc:
+        run_dir = find_adapter_dir(adapter)
+    except RunNotFound as exc:
         raise ExportError(str(exc)) from exc
     script = llama_cpp.source_dir() / "convert_lora_to_gguf.py"
     if not script.is_file():
@@ -61,17 +61,15 @@ def export_gguf_lora(adapter: str, *, outtype: str = "f32") -> Path:
             f"llama.cpp's converter is not here ({script}); run: {llama_cpp.BUILD_COMMAND} (it fetches the "
             "sources the converter comes with)"
         )
-    out = llama_cpp.lora_export(run_dir)
-    staging = out.with_name(f".{out.name}.partial")
-    argv = [sys.executable, str(script), "--outfile", str(staging), "--outtype", outtype,
-            "--base", str(base_config_dir(run_dir)), str(run_dir)]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the base's config is local: never look it up
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    if result.returncode != 0 or not staging.is_file():
-        staging.unlink(missing_ok=True)
-        tail = "\n".join(result.stdout.splitlines()[-15:])
-        raise ExportError(f"convert_lora_to_gguf.py failed (exit code {result.returncode}):\n{tail}")
-    os.replace(staging, out)  # never a half-written adapter.gguf
+    out, base = llama_cpp.lora_export(run_dir), base_config_dir(run_dir)
+    with replacing(out) as partial:  # never a half-written adapter.gguf
+        argv = [sys.executable, str(script), "--outfile", str(partial), "--outtype", outtype,
+                "--base", str(base), str(run_dir)]  # fmt: skip
+        env = dict(os.environ, HF_HUB_OFFLINE="1")  # the base's config is local: never look it up
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if result.returncode != 0 or partial.stat().st_size == 0:  # the file exists (empty) from the start
+            tail = "\n".join(result.stdout.splitlines()[-15:])
+            raise ExportError(f"convert_lora_to_gguf.py failed (exit code {result.returncode}):\n{tail}")
     return out
 
 

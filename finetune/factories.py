@@ -200,13 +200,15 @@ def _progress_callback(started: float, seconds_before: float):
     """A callback that writes the run's seconds so far into each checkpoint (main process only)."""
     from transformers import TrainerCallback
 
+    from finetune.files import write_text_atomic
+
     class RecordProgress(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if checkpoint.is_dir():
                     seconds = seconds_before + time.perf_counter() - started
-                    (checkpoint / PROGRESS_FILE).write_text(json.dumps({"seconds": seconds}) + "\n")
+                    write_text_atomic(checkpoint / PROGRESS_FILE, json.dumps({"seconds": seconds}) + "\n")
 
     return RecordProgress()
 

@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from babl_core import settings
+from finetune.files import RunNotFound, find_adapter_dir, staged_dir
 
 log = logging.getLogger("finetune")
 
 MERGED_META_FILE = "babl-merged.json"
 CATALOG_SNIPPET_FILE = "catalog-entry.yaml"
-PARTIAL_DIR = ".partial"
 QUANTIZED = ("nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Float rounding differs between W·x + B(A·x) and (W + BA)·x. Measured on random-weight models: float32
@@ -179,28 +178,6 @@ class MergeResult:
 # Planning: every refusal happens here, before weights are read
 
 
-def resolve_adapter_dir(value: str) -> Path:
-    """An adapter directory from a path (relative to the repo root, or models/...) or a bare run name.
-
-    Raises:
-        MergeError: no PEFT adapter there.
-    """
-    path = settings.resolve_path(value)
-    if not path.exists() and "/" not in value and (settings.adapters_dir() / value).exists():
-        path = settings.adapters_dir() / value
-    if (path / "adapter_config.json").is_file():
-        return path
-    if (path / "config.json").is_file():
-        raise MergeError(
-            f"--adapter: {settings.portable_path(path)} is a full model, not an adapter: there is nothing to "
-            "merge; serve it directly as a catalog entry's base"
-        )
-    raise MergeError(
-        f"--adapter: no adapter_config.json in {settings.portable_path(path)}; name a directory that "
-        "`python -m finetune train` wrote, e.g. models/adapters/<run>"
-    )
-
-
 def quantized_checkpoint_reason(base: str) -> str | None:
     """Why `base` is a checkpoint saved quantized (its config.json has a quantization_config), or None."""
     from babl_core.engine.catalog import hub_cached_dir, looks_like_path
@@ -279,7 +256,10 @@ def plan_merge(
         problems.append(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if tolerance is not None and not tolerance > 0:
         problems.append(f"--tolerance {tolerance}: must be above 0, e.g. 0.01")
-    adapter_dir = resolve_adapter_dir(adapter)
+    try:
+        adapter_dir = find_adapter_dir(adapter)
+    except RunNotFound as exc:
+        raise MergeError(str(exc)) from None
     meta = _read_json(adapter_dir / "babl.json")
     adapter_config = _read_json(adapter_dir / "adapter_config.json") or {}
     if adapter_config.get("peft_type", "LORA") != "LORA":
@@ -453,11 +433,11 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
     merged = peft_model.merge_and_unload(safe_merge=True)
     del peft_model
 
-    staging = plan.out_dir.parent / PARTIAL_DIR / plan.out_dir.name
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    # Saved aside and moved into place only once checked: models/merged/ never holds an unchecked export.
+    appeared = MergeError(
+        f"--out: {settings.portable_path(plan.out_dir)} appeared meanwhile; pass --overwrite"
+    )
+    with staged_dir(plan.out_dir, overwrite=plan.overwrite, refusal=appeared) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         loaded.model = merged
@@ -497,12 +477,6 @@ def merge_adapter(plan: MergePlan) -> MergeResult:
         }
         (staging / MERGED_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (staging / CATALOG_SNIPPET_FILE).write_text(catalog_snippet(entry), encoding="utf-8")
-        _move_into_place(staging, plan.out_dir, overwrite=plan.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        _remove_if_empty(staging.parent)
     return MergeResult(plan.out_dir, check, time.perf_counter() - started, entry)
 
 
@@ -512,23 +486,3 @@ def catalog_snippet(entry: dict) -> str:
     body = yaml.safe_dump([entry], sort_keys=False, allow_unicode=True)
     indented = "".join(f"  {line}\n" for line in body.splitlines())
     return f"# add under `models:` in configs/models.yaml to serve the merged model\n{indented}"
-
-
-def _move_into_place(staging: Path, target: Path, *, overwrite: bool) -> None:
-    if target.exists():
-        if not overwrite:
-            raise MergeError(f"--out: {settings.portable_path(target)} appeared meanwhile; pass --overwrite")
-        old = staging.parent / f"{target.name}.old-{time.time_ns()}"
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(target)
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # another merge is staging there, or it is gone already

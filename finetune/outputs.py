@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from babl_core import settings
 from babl_core.engine.catalog import looks_like_path
 from finetune.config import FinetuneConfig
+from finetune.files import fresh_staging_dir, into_place, staging_path, write_text_atomic
 from finetune.model_card import CARD_FILE, EXAMPLE_MESSAGES, MARKER, PEFT_TEMPLATE_MARK, render
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ META_FILE = "babl.json"
 CONFIG_FILE = "finetune.yaml"
 LOG_FILE = "trainer_log.json"
 PLOT_FILE = "loss.png"
-PARTIAL_DIR = ".partial"
 
 
 def is_main_process() -> bool:
@@ -111,12 +110,7 @@ def staging_dir(config: FinetuneConfig) -> Path:
     (all of them take part in saving; only the main one writes files).
     """
     target = config.adapter_path()
-    staging = target.parent / PARTIAL_DIR / target.name
-    if is_main_process():
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    return staging
+    return fresh_staging_dir(target) if is_main_process() else staging_path(target)
 
 
 def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history: list[dict]) -> Path:
@@ -132,7 +126,10 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
         The final directory, e.g. models/adapters/<run-name>.
     """
     target = config.adapter_path()
-    try:
+    appeared = FileExistsError(
+        f"{settings.portable_path(target)} appeared while training; pass --overwrite true to replace it"
+    )
+    with into_place(staging, target, overwrite=config.run.overwrite, refusal=appeared):
         (staging / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
         (staging / LOG_FILE).write_text(json.dumps(log_history, indent=1) + "\n", encoding="utf-8")
         plot_losses(log_history, staging / PLOT_FILE, title=config.run.run_name)
@@ -144,12 +141,6 @@ def publish(config: FinetuneConfig, staging: Path, *, metrics: dict, log_history
             refresh_model_card(staging, location=target)  # replaces PEFT's empty template
         except (OSError, ValueError) as exc:  # the trained weights matter more than their card
             log.warning("the model card (README.md) was not written: %s", exc)
-        _move_into_place(staging, target, overwrite=config.run.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        _remove_if_empty(staging.parent)
     return target
 
 
@@ -176,9 +167,7 @@ def write_model_card(
         meta, config if isinstance(config, dict) else {}, location=settings.portable_path(location or directory),
         model_id=model_id, python=python_command(),
     )  # fmt: skip
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return path
 
 
@@ -199,28 +188,6 @@ def refresh_model_card(directory: Path, *, location: Path | None = None) -> Path
         except CatalogError:
             claimant = None  # a broken catalog is reported where it is used; the card names the run
     return write_model_card(directory, location=location, model_id=claimant.id if claimant else None)
-
-
-def _move_into_place(partial: Path, target: Path, *, overwrite: bool) -> None:
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{settings.portable_path(target)} appeared while training; pass --overwrite true to replace it"
-            )
-        # Swap: the old directory steps aside first, so the target is never missing a babl.json for long.
-        old = partial.parent / f"{target.name}.old-{time.time_ns()}"
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    partial.rename(target)
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # not empty (another run is assembling its adapter) or already gone
 
 
 def plot_losses(log_history: list[dict], path: Path, *, title: str = "") -> Path | None:
@@ -295,7 +262,7 @@ def start_checkpoint_dir(config: FinetuneConfig) -> Path:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         if not config.run.resume:
-            (path / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+            write_text_atomic(path / CONFIG_FILE, config.to_yaml())
     return path
 
 

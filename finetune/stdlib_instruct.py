@@ -183,12 +183,14 @@ def build(
     """Mine the standard library under `root` (default: this interpreter's) into train/eval JSONL files.
 
     Args:
-        output_dir: where `train.jsonl`, `eval.jsonl` and `manifest.json` go (created; files replaced).
+        output_dir: where `train.jsonl`, `eval.jsonl` and `manifest.json` go (created; each file replaced
+            whole, the manifest last).
         root: the library to read (tests pass a small tree).
         eval_percent: the share of top-level packages held out, by a hash of their names.
         max_lines: the longest function kept, counted without its docstring.
     """
     from babl_core import settings
+    from finetune.files import write_text_atomic
 
     root = root or stdlib_dir()
     skipped: dict[str, int] = {}
@@ -216,7 +218,7 @@ def build(
     output_dir.mkdir(parents=True, exist_ok=True)
     for side, file_name in (("train", TRAIN_FILE), ("eval", EVAL_FILE)):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sides[side])
-        (output_dir / file_name).write_text(text, encoding="utf-8")
+        write_text_atomic(output_dir / file_name, text)
     packages = {side: sorted({row["package"] for row in rows}) for side, rows in sides.items()}
     licence_file = root / "LICENSE.txt"
     manifest = {
@@ -242,7 +244,9 @@ def build(
             for file_name in (TRAIN_FILE, EVAL_FILE)
         },
     }
-    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(
+        output_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n"
+    )  # last: it hashes the others
     log.info("wrote %s", settings.portable_path(output_dir))
     return BuildResult(
         output_dir, len(sides["train"]), len(sides["eval"]), packages["train"], packages["eval"], skipped,

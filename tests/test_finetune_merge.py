@@ -169,7 +169,10 @@ def test_a_merge_that_does_not_reproduce_the_adapter_fails_and_keeps_nothing(
 
 
 def test_plan_names_the_fix_for_a_missing_or_full_model_directory(models_dir):
-    with pytest.raises(MergeError, match=r"no adapter_config.json in .*; name a directory that"):
+    with pytest.raises(
+        MergeError,
+        match=r"no trained model there \(looked for adapter_config.json in .*nothing-here\); nothing is trained here yet",
+    ):
         plan_merge("models/adapters/nothing-here")
     with pytest.raises(MergeError, match="is a full model, not an adapter: there is nothing to merge"):
         plan_merge("models/demo/demo-html")
