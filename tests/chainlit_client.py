@@ -151,12 +151,24 @@ class Tab:
         return message_id
 
     async def change_settings(self, **values) -> None:
-        """Submit the settings dialog: the last widgets' values with `values` applied."""
+        """Submit the settings dialog: the last widgets' values with `values` applied; wait until the
+        server's handler has ended (Chainlit wraps it in task_start ... task_end, and it goes on after
+        re-sending the widgets: a message sent before its task_end would take that for its own)."""
         current = {w["id"]: w.get("initial") for w in self.widgets()}
         current.update(values)
+        start = len(self.events)
         sent = self.count("chat_settings")
         await self.sio.emit("chat_settings_change", current)
-        await self.wait_for(lambda: self.count("chat_settings") > sent, what="the settings to be re-sent")
+
+        def done() -> bool:
+            names = [name for name, _ in self.events[start:]]
+            return (
+                self.count("chat_settings") > sent
+                and "task_start" in names
+                and "task_end" in names[names.index("task_start") :]
+            )
+
+        await self.wait_for(done, what="the settings change to end")
 
     def widgets(self) -> list[dict]:
         return self.of("chat_settings")[-1]
