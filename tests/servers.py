@@ -130,3 +130,23 @@ def require_playwright() -> None:
 def launch_chromium(playwright):
     """Debian's headless Chromium through a `sync_playwright()` instance; close it when done."""
     return playwright.chromium.launch(executable_path=chromium_or_skip(), args=CHROMIUM_ARGS)
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """Debian's headless Chromium (see `launch_chromium`), closed afterwards; skips without it."""
+    require_playwright()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def assert_no_traceback(log_path: Path) -> None:
+    """The server log of a test's app holds no traceback (its tail is the failure message)."""
+    log = log_path.read_text()
+    assert "Traceback" not in log, log[-4000:]

@@ -8,18 +8,17 @@ Chromium missing: skipped with the install command, or a failure when BABL_CI_ST
 
 from __future__ import annotations
 
-import re
 import urllib.request
 
 import pytest
 
+from tests.chat_page import ANSWERS, FOOTER
 from tests.conftest import REPO_ROOT, install_adapter
-from tests.servers import chainlit_server, launch_chromium, require_playwright, server_env
+from tests.servers import assert_no_traceback, chainlit_server, chromium, require_playwright, server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 OUTPUT_DIR = REPO_ROOT / "test-output"
-ANSWERS = '[data-step-type="assistant_message"] .message-content'
 LABELS = {
     "demo-python": "Python — demo CodeGen (python, demo — random weights)",
     "demo-html": "HTML — demo Llama (html, demo — random weights)",
@@ -27,7 +26,6 @@ LABELS = {
     "ad-a": "test adapter ad-a (html, demo — random weights)",
 }
 # The small label under each answer: "`model` · N tokens · R tokens/s[ · how it ended]".
-FOOTER = re.compile(r"([\w.-]+) · (\d+) tokens · \d+ tokens/s")  # JS-compatible
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +41,13 @@ def app_url(session_models_dir, html_adapters, tmp_path_factory):
     log_path = root / "chainlit.log"
     with chainlit_server(env=server_env(models, root / "data"), log_path=log_path) as url:
         yield url
-    log = log_path.read_text()
-    assert "Traceback" not in log, log[-4000:]
+    assert_no_traceback(log_path)
 
 
 @pytest.fixture(scope="module")
 def browser(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def open_chat(browser, url):

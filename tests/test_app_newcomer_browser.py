@@ -16,14 +16,13 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.chat_page import ANSWERS, FOOTER
 from tests.conftest import install_adapter, make_lora_adapter
-from tests.servers import chainlit_server, launch_chromium, require_playwright, server_env
+from tests.servers import assert_no_traceback, chainlit_server, chromium, require_playwright, server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ANSWERS = '[data-step-type="assistant_message"] .message-content'
 USER_MESSAGES = '[data-step-type="user_message"]'
-FOOTER = re.compile(r"[\w.-]+ · \d+ tokens · \d+ tokens/s")
 QA_LABEL = "Q&A — demo T5 + SQuAD LoRA"
 DEMO_HTML = "HTML — demo Llama (html, demo — random weights)"
 DEMO_QA = "Q&A — demo T5 (qa, demo — random weights)"
@@ -53,17 +52,13 @@ def server(models, tmp_path_factory):
     env = server_env(models, root / "data")
     with chainlit_server("tests/assets/scripted_app.py", env=env, log_path=log_path) as url:
         yield url, log_path
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
+    assert_no_traceback(log_path)
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

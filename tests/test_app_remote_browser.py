@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.chat_page import ANSWERS
 from tests.openai_stand_in import LeakStub, OpenAIStandIn
-from tests.servers import chainlit_server, launch_chromium, require_playwright, server_env
+from tests.servers import assert_no_traceback, chainlit_server, chromium, require_playwright, server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ANSWERS = '[data-step-type="assistant_message"] .message-content'
 LABELS = {"remote-a": "Remote A (chat, remote)", "remote-b": "Remote B (chat, remote)"}
 
 # Reports every CSP violation of the page into window.__bablBlocked (installed before any script).
@@ -58,18 +58,13 @@ def app_url(stubs, tmp_path_factory):
     server, log_path = remote_app(stubs, tmp_path_factory)
     with server as url:
         yield url
-    log = log_path.read_text()
-    assert "Traceback" not in log, log[-4000:]
+    assert_no_traceback(log_path)
 
 
 @pytest.fixture(scope="module")
 def browser(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def fresh_page(browser):

@@ -18,7 +18,7 @@ import pytest
 from babl_core.settings import REPO_ROOT
 from babl_core.web import page_policy
 from babl_core.web.render import SANDBOX, preview_document, sandbox_for
-from tests.servers import chainlit_server, launch_chromium, require_playwright
+from tests.servers import chainlit_server, chromium, require_playwright
 
 pytestmark = pytest.mark.e2e
 
@@ -136,12 +136,8 @@ def server():
 @pytest.fixture(scope="module")
 def browser():
     require_playwright()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def load(browser, server, page_html: str, *, policy: str = ""):

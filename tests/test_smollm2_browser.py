@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.servers import chainlit_server, launch_chromium, require_playwright, server_env
+from tests.servers import (
+    assert_no_traceback,
+    chainlit_server,
+    launch_chromium,
+    require_playwright,
+    server_env,
+)
 from tests.test_app_browser import ANSWERS, ask, open_chat, screenshot, wait_for_answer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -33,6 +39,5 @@ def test_a_new_chat_opens_on_smollm2_chat_and_answers_paris(smollm2, session_mod
             context.close()
         finally:
             browser.close()
-    log = log_path.read_text()
-    assert "Traceback" not in log, log[-4000:]
-    assert "Converting" not in log  # the conversion the session made was reused
+    assert_no_traceback(log_path)
+    assert "Converting" not in log_path.read_text()  # the conversion the session made was reused

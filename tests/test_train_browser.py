@@ -15,14 +15,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.chat_page import ANSWERS, FOOTER
 from tests.conftest import wait_for
-from tests.servers import launch_chromium, require_playwright, server_env, start_chainlit, stop_chainlit
+from tests.servers import (
+    assert_no_traceback,
+    launch_chromium,
+    require_playwright,
+    server_env,
+    start_chainlit,
+    stop_chainlit,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ANSWERS = '[data-step-type="assistant_message"] .message-content'
 RECIPE = "Python — demo CodeGen + LoRA"
-FOOTER = re.compile(r"[\w.-]+ · \d+ tokens · \d+ tokens/s")
 ROWS = [
     {"instruction": f"Write a function that returns {n} times its argument.", "input": "",
      "output": f"def times_{n}(x):\n    return {n} * x"}
@@ -107,7 +113,7 @@ def test_train_from_the_chat(session_models_dir, tmp_path):
         20,
         "the job to end",
     )
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
+    assert_no_traceback(log_path)
 
 
 def _zombie(pid: int) -> bool:
