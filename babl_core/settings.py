@@ -151,6 +151,11 @@ def adapters_dir() -> Path:
     return models_dir() / "adapters"
 
 
+def finetuned_dir() -> Path:
+    """Where full fine-tunes go (`models/finetuned/`), one complete model folder per run."""
+    return models_dir() / "finetuned"
+
+
 def demo_dir() -> Path:
     return models_dir() / "demo"
 

@@ -288,7 +288,7 @@ class FinetuneConfig:
     def adapter_path(self) -> Path:
         """Where the result goes: models/adapters/<run_name>/ (full fine-tunes: models/finetuned/)."""
         if self.adapter.finetuning == "full":
-            return settings.models_dir() / "finetuned" / self.run.run_name
+            return settings.finetuned_dir() / self.run.run_name
         return settings.adapters_dir() / self.run.run_name
 
 

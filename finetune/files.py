@@ -52,12 +52,17 @@ class RunNotFound(ValueError):
         """The folders looked in, in order."""
 
 
+def _run_folders() -> tuple[Path, Path]:
+    """Where finetune saves runs: adapters, then full fine-tunes."""
+    return settings.adapters_dir(), settings.finetuned_dir()
+
+
 def run_dir_candidates(value: str) -> list[Path]:
     """The folders `value` may mean: the path itself (relative to the repo root, or models/...), then,
     for a bare name, models/adapters/<name> and models/finetuned/<name> (full fine-tunes)."""
     candidates = [settings.resolve_path(value)]
     if "/" not in value and "\\" not in value:
-        for folder in (settings.adapters_dir(), settings.models_dir() / "finetuned"):
+        for folder in _run_folders():
             if folder / value not in candidates:
                 candidates.append(folder / value)
     return candidates
@@ -66,7 +71,7 @@ def run_dir_candidates(value: str) -> list[Path]:
 def trained_runs(marker: str = "babl.json") -> list[str]:
     """The run names under models/adapters/ and models/finetuned/ whose folder holds `marker`, sorted."""
     names = set()
-    for folder in (settings.adapters_dir(), settings.models_dir() / "finetuned"):
+    for folder in _run_folders():
         if folder.is_dir():
             names.update(
                 p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / marker).is_file()

@@ -78,9 +78,8 @@ def plan_load(spec: ModelSpec | BaseWeights, device: str | None = None) -> LoadP
 
     from babl_core.engine.llama_cpp import engine_for
 
-    if (
-        isinstance(spec, ModelSpec) and engine_for(spec) == "llama.cpp"
-    ):  # the GGUF file's own precision, on llama.cpp's CPU backend
+    # llama.cpp runs the GGUF file in its own precision, on its CPU backend (catalog entries only).
+    if isinstance(spec, ModelSpec) and engine_for(spec) == "llama.cpp":
         return LoadPlan(device="cpu", quantization="gguf", dtype="gguf", engine="llama.cpp")
 
     device = device or resolve_device()

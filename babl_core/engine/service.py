@@ -568,9 +568,10 @@ class ChatService:
             BadMessage, UnknownModel, ModelUnavailable, ValueError: as `complete`.
             ServerBusy: the queue is full, or `client` holds its share already.
         """
-        turn = text
-        if not isinstance(turn, ChatTurn) or turn.spec.id != session.model_id:
-            turn = self.check_turn(session, turn.text if isinstance(turn, ChatTurn) else turn)
+        if isinstance(text, ChatTurn) and text.spec.id == session.model_id:
+            turn = text
+        else:
+            turn = self.check_turn(session, text.text if isinstance(text, ChatTurn) else text)
         spec = turn.spec
         params = self.params_for(spec, session.settings, **overrides)
         messages = [*session.history(), {"role": "user", "content": turn.text}]
